@@ -1,0 +1,194 @@
+"""Learned hyperparameters: their unconstrained form, bounds and granularity.
+
+A learned value is kept as ``φ`` — ``log λ`` for scale hyperparameters (lr, weight decay,
+eps) and ``logit λ`` for fractions (momentum, Adam's betas) — so that the hyper-optimizer
+can take any step without leaving the valid range; ``φ`` is clipped to the bounds after
+every hyper-step.  Granularity decides how many values there are:
+
+* ``"scalar"``: one per param group.  ``φ`` is a 0-dim float64 tensor on the CPU and the
+  group's own float (``group["lr"]``...) is what the update reads, so the fast path is
+  torch's arithmetic exactly.
+* ``"tensor"``: one per parameter tensor (a list of 0-dim tensors on the parameter's device).
+* ``"element"``: one per weight (a list of tensors of the parameters' shapes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_BOUNDS",
+    "GRANULARITIES",
+    "LOGIT_SCALE",
+    "LearnedValue",
+    "natural_to_unconstrained",
+]
+
+GRANULARITIES = ("scalar", "tensor", "element")
+Granularity = Literal["scalar", "tensor", "element"]
+
+LOGIT_SCALE = frozenset({"momentum", "beta1", "beta2"})
+"""Names kept as ``logit λ``; every other learnable name is kept as ``log λ``."""
+
+DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
+    "lr": (1e-8, 10.0),
+    "weight_decay": (1e-10, 10.0),
+    "eps": (1e-16, 1.0),
+    "momentum": (1e-6, 1 - 1e-6),
+    "beta1": (1e-6, 1 - 1e-6),
+    "beta2": (1e-6, 1 - 1e-6),
+}
+"""Closed ranges, in natural units, that learned values are clipped to."""
+
+
+def natural_to_unconstrained(name: str, value: float) -> float:
+    """``φ = log λ`` or ``logit λ``."""
+    if name in LOGIT_SCALE:
+        return math.log(value) - math.log1p(-value)
+    return math.log(value)
+
+
+def _to_natural(name: str, phi: Tensor) -> Tensor:
+    return torch.sigmoid(phi) if name in LOGIT_SCALE else torch.exp(phi)
+
+
+def _natural_derivative(name: str, value: Tensor) -> Tensor:
+    """``dλ/dφ`` written with ``λ``."""
+    return value * (1 - value) if name in LOGIT_SCALE else value
+
+
+@dataclass
+class LearnedValue:
+    """One learned hyperparameter of one param group.
+
+    Attributes:
+        name: the hyperparameter (``"lr"``, ``"beta2"``...).
+        granularity: ``"scalar"``, ``"tensor"`` or ``"element"``.
+        bounds: the closed range in natural units.
+        phi: the unconstrained values the hyper-optimizer steps: one tensor for
+            ``"scalar"``, else one per parameter of the group.
+        values: the natural values the update reads, one per parameter in the parameter's
+            dtype (``"tensor"``, ``"element"``); empty for ``"scalar"``, which reads the group.
+        shown: the float last written to the param group; a different float found there was
+            written by someone else (a learning-rate scheduler) and is taken up.
+    """
+
+    name: str
+    granularity: Granularity
+    bounds: tuple[float, float]
+    phi: list[Tensor]
+    shown: float
+    values: list[Tensor] = field(default_factory=list)
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        value: float,
+        params: list[Tensor],
+        granularity: Granularity,
+        bounds: tuple[float, float],
+    ) -> LearnedValue:
+        phi0 = natural_to_unconstrained(name, value)
+        if granularity == "scalar":
+            phi = [torch.tensor(phi0, dtype=torch.float64)]
+        else:
+            phi = []
+            for p in params:
+                dtype = torch.promote_types(p.dtype, torch.float32)
+                shape = () if granularity == "tensor" else p.shape
+                phi.append(torch.full(shape, phi0, dtype=dtype, device=p.device))
+        learned = cls(name, granularity, bounds, phi, float(value))
+        learned.refresh(params)
+        return learned
+
+    # -- the values -------------------------------------------------------------------------
+
+    def refresh(self, params: list[Tensor], changed: list[Tensor] | None = None) -> float | None:
+        """Recompute the natural values from ``φ``.
+
+        ``changed`` (one bool tensor per ``φ``) limits the update to the entries the
+        hyper-optimizer moved, so an unmoved value keeps its exact float.  Returns the float
+        to show in the param group, or ``None`` when nothing moved.
+        """
+        if self.granularity == "scalar":
+            if changed is not None and not bool(changed[0]):
+                return None
+            return float(_to_natural(self.name, self.phi[0]))
+        new_values = []
+        for i, (phi, p) in enumerate(zip(self.phi, params, strict=True)):
+            value = _to_natural(self.name, phi).to(p.dtype)
+            if changed is not None and self.values:
+                value = torch.where(changed[i], value, self.values[i])
+            new_values.append(value)
+        self.values = new_values
+        total = sum(
+            v.double().sum() * (p.numel() if v.dim() == 0 else 1)
+            for v, p in zip(self.values, params, strict=True)
+        )
+        return float(total) / max(1, sum(p.numel() for p in params))
+
+    def clip_(self) -> None:
+        lo, hi = (natural_to_unconstrained(self.name, b) for b in self.bounds)
+        for phi in self.phi:
+            phi.clamp_(lo, hi)
+
+    def take_external(self, new: float, params: list[Tensor]) -> float:
+        """Take up a value someone else wrote into the param group; returns what to show.
+
+        For ``"scalar"`` the value replaces the learned one.  For ``"tensor"`` and
+        ``"element"``, a scale hyperparameter (lr, weight decay, eps) is multiplied by
+        ``new / shown`` everywhere — a scheduler's decay applies to every learned value —
+        and a fraction (momentum, betas) is set to ``new`` everywhere.  Either way the result
+        is clipped to the bounds.
+        """
+        lo, hi = self.bounds
+        new = min(max(new, lo), hi)
+        with torch.no_grad():
+            if self.granularity == "scalar" or self.name in LOGIT_SCALE or self.shown <= 0:
+                for phi in self.phi:
+                    phi.fill_(natural_to_unconstrained(self.name, new))
+            else:
+                shift = math.log(new) - math.log(self.shown)
+                for phi in self.phi:
+                    phi.add_(shift)
+            self.clip_()
+        if self.granularity != "scalar":
+            self.values = []
+            self.refresh(params)
+        return new
+
+    # -- hypergradients ---------------------------------------------------------------------
+
+    def reduce(self, elementwise: list[Tensor]) -> list[Tensor]:
+        """Sum element-wise ``dL/dλ`` contributions to this value's granularity."""
+        if self.granularity == "scalar":
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for e in elementwise:
+                by_device.setdefault(e.device, []).append(e.sum(dtype=torch.float64))
+            total = torch.zeros((), dtype=torch.float64)
+            for sums in by_device.values():
+                total = total + torch.stack(sums).sum().cpu()
+            return [total]
+        if self.granularity == "tensor":
+            return [e.sum().to(phi.dtype) for e, phi in zip(elementwise, self.phi, strict=True)]
+        return [e.to(phi.dtype) for e, phi in zip(elementwise, self.phi, strict=True)]
+
+    def natural_values(self, group_value: float) -> list[Tensor]:
+        """The current values as tensors (``"scalar"``: one 0-dim tensor of the group's)."""
+        if self.granularity == "scalar":
+            return [torch.tensor(group_value, dtype=torch.float64)]
+        return [v.detach().clone() for v in self.values]
+
+    def chain(self, natural_grads: list[Tensor], group_value: float) -> list[Tensor]:
+        """``dL/dφ = dL/dλ · dλ/dφ``."""
+        values = self.natural_values(group_value)
+        return [
+            g * _natural_derivative(self.name, v.to(g.dtype)).to(g.device)
+            for g, v in zip(natural_grads, values, strict=True)
+        ]

@@ -1,0 +1,142 @@
+r"""Hessian-vector products of the training loss, on the step's training batch.
+
+Two interchangeable providers (DESIGN §4), both called with one direction per active
+parameter and returning :math:`H d` in the same layout:
+
+* :class:`AutogradHVP` — exact: double backward through the gradient of the step's loss,
+  computed with ``create_graph=True``.  Needs a closure that returns the loss *without*
+  calling ``backward()`` and every op of the model to support double backward.
+* :class:`FiniteDifferenceHVP` — :math:`H d \approx (\nabla L(w + \epsilon d) - \nabla L(w -
+  \epsilon d)) / 2\epsilon` (``central``), or :math:`(\nabla L(w + \epsilon d) - g)/\epsilon`
+  reusing the step's own gradient ``g`` (``forward``: one closure call per product).  Works
+  with torch's ordinary closure, which runs backward itself, and so with any op, fused
+  kernel, AMP or DDP.  :math:`\epsilon = \delta \max(1, \lVert w\rVert)/\lVert d\rVert`
+  with :math:`\delta = u^{1/3}` (central) or :math:`u^{1/2}` (forward), ``u`` the unit
+  roundoff of the parameters' dtype: the step that balances truncation and rounding error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+__all__ = ["AutogradHVP", "FiniteDifferenceHVP", "clone_parameter_saves"]
+
+
+@contextmanager
+def clone_parameter_saves(params: list[Tensor]) -> Iterator[None]:
+    """Make autograd save copies of the parameters (and their views) in the graph built here.
+
+    The step then updates the parameters in place while the graph of the pre-step loss stays
+    valid for the Hessian-vector products that follow; other saved tensors are untouched.
+    """
+    pointers = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            shared = t.untyped_storage().data_ptr() in pointers
+        except (RuntimeError, NotImplementedError):  # tensors without storage
+            shared = False
+        return t.clone() if shared else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+class AutogradHVP:
+    """Exact products by double backward.
+
+    Args:
+        params: the parameters, as leaves of the graph.
+        grads: their gradient at the pre-step point, computed with ``create_graph=True``.
+    """
+
+    def __init__(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        self._pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g.requires_grad]
+        self._params = params
+
+    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+        index = {id(p): i for i, p in enumerate(self._params)}
+        out = [torch.zeros_like(d) for d in directions]
+        if not self._pairs:
+            return out
+        inputs = [p for p, _ in self._pairs]
+        outputs = [g for _, g in self._pairs]
+        grad_outputs = [directions[index[id(p)]] for p in inputs]
+        products = torch.autograd.grad(
+            outputs, self._params, grad_outputs, retain_graph=True, allow_unused=True
+        )
+        del inputs
+        return [
+            torch.zeros_like(d) if hd is None else hd.detach()
+            for hd, d in zip(products, directions, strict=True)
+        ]
+
+
+class FiniteDifferenceHVP:
+    """Products by differences of gradients; restores the parameters afterwards.
+
+    Args:
+        params: the live parameter tensors (they are moved and put back).
+        point: the weights to differentiate at (the pre-step weights).
+        grad_at_point: the gradient there (reused by ``forward`` differences).
+        gradient: evaluates the training gradient at the parameters' current values.
+        central: central differences (two gradient evaluations per product) or forward ones.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        point: list[Tensor],
+        grad_at_point: list[Tensor],
+        gradient: Callable[[], list[Tensor]],
+        *,
+        central: bool = True,
+    ) -> None:
+        self._params = params
+        self._point = point
+        self._grad = grad_at_point
+        self._gradient = gradient
+        self._central = central
+        roundoff = max(torch.finfo(p.dtype).eps for p in params) / 2 if params else 1.0
+        self._delta = roundoff ** (1 / 3) if central else roundoff**0.5
+        self._point_norm = _norm(point)
+
+    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+        d_norm = _norm(directions)
+        if d_norm == 0 or not torch.isfinite(torch.tensor(d_norm)):
+            return [torch.zeros_like(d) for d in directions]
+        eps = self._delta * max(1.0, self._point_norm) / d_norm
+        with torch.no_grad():
+            current = [p.clone() for p in self._params]
+        try:
+            plus = self._at(directions, eps)
+            if self._central:
+                minus = self._at(directions, -eps)
+                torch._foreach_sub_(plus, minus)
+                torch._foreach_div_(plus, 2 * eps)
+            else:
+                torch._foreach_sub_(plus, self._grad)
+                torch._foreach_div_(plus, eps)
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self._params, current)
+        return plus
+
+    def _at(self, directions: list[Tensor], eps: float) -> list[Tensor]:
+        with torch.no_grad():
+            torch._foreach_copy_(self._params, self._point)
+            torch._foreach_add_(self._params, directions, alpha=eps)
+        return [g.detach().clone() for g in self._gradient()]
+
+
+def _norm(xs: list[Tensor]) -> float:
+    if not xs:
+        return 0.0
+    norms = [n.to(torch.float64) for n in torch._foreach_norm(xs)]
+    if len({n.device for n in norms}) > 1:
+        norms = [n.cpu() for n in norms]
+    return float(torch.linalg.vector_norm(torch.stack(norms)))

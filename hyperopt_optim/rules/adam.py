@@ -1,0 +1,332 @@
+r"""Adam and AdamW, as ``torch.optim.Adam`` / ``torch.optim.AdamW`` compute them.
+
+With :math:`\sigma = -1` when maximizing (else 1), step count :math:`t` (after increment),
+coupled weight decay :math:`\xi_c` (Adam) or decoupled :math:`\xi_d` (AdamW):
+
+.. math::
+
+    \tilde w = (1 - \eta\xi_d) w,\quad \hat g = \sigma g + \xi_c w,\quad
+    m' = \beta_1 m + (1-\beta_1)\hat g,\quad v' = \beta_2 v + (1-\beta_2)\hat g^2,\\
+    \bar v' = \max(\bar v, v') \text{ (AMSGrad, else } \bar v' = v'),\quad
+    q = \sqrt{\bar v' / (1-\beta_2^t)},\quad D = q + \epsilon,\quad
+    w' = \tilde w - \eta\, \frac{m'}{(1-\beta_1^t) D}.
+
+Closed-form products for a cotangent :math:`(a_w, a_m, a_v, a_{\bar v})`, with
+:math:`k = \eta m' / ((1-\beta_1^t) D^2)` and :math:`\partial q/\partial \bar v' = 1/(2\sqrt{\bar v'
+(1-\beta_2^t)})` (taken as 0 where :math:`\bar v' = 0`):
+:math:`c_m = a_m - a_w \eta/((1-\beta_1^t)D)`, :math:`c_{\bar v} = a_{\bar v} + a_w k\,
+\partial q/\partial \bar v'`, routed to :math:`v'` where :math:`v' > \bar v` (else to the old
+:math:`\bar v`), :math:`c_{\hat g} = (1-\beta_1) c_m + 2(1-\beta_2)\hat g\, c_v`; then
+:math:`a·∂U/∂w = (1-\eta\xi_d) a_w + \xi_c c_{\hat g}`, :math:`a·∂U/∂m = \beta_1 c_m`,
+:math:`a·∂U/∂v = \beta_2 c_v`, :math:`r = \sigma c_{\hat g}`.  For the hyperparameters:
+:math:`∂w'/∂\eta = -\xi_d w - m'/((1-\beta_1^t)D)`, :math:`∂w'/∂\epsilon = k`,
+:math:`a·∂U/∂\beta_1 = c_m (m - \hat g) - a_w \eta m' t \beta_1^{t-1} / ((1-\beta_1^t)^2 D)`,
+:math:`a·∂U/∂\beta_2 = c_v (v - \hat g^2) + a_w k q t \beta_2^{t-1} / (2(1-\beta_2^t))` — the
+bias-correction terms are the part of β's gradient that ``higher`` drops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    Hyper,
+    RuleState,
+    StateCotangent,
+    add_scaled,
+    as_list,
+    is_zero,
+    one_minus,
+    present,
+)
+
+__all__ = ["AdamRule"]
+
+_M, _V, _VMAX, _STEP = "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"
+
+
+@dataclass
+class _Backward:
+    """One parameter's forward quantities and cotangents (see the module docstring)."""
+
+    g_hat: Tensor
+    new_m: Tensor
+    bc1: Tensor | float
+    denom: Tensor  # D
+    q: Tensor
+    k: Tensor  # η m' / (bc1 D²)
+    cot_m: Tensor  # c_m
+    cot_v: Tensor  # c_v, cotangent of v'
+    cot_vmax_old: Tensor | None
+    cot_g_hat: Tensor
+    step: float
+
+
+def _forward_one(
+    w: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    vmax: Tensor | None,
+    t: float,
+    lr: Tensor | float,
+    b1: Tensor | float,
+    b2: Tensor | float,
+    eps: Tensor | float,
+    wd: Tensor | float,
+    *,
+    decoupled: bool,
+    maximize: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor | float, Tensor | float]:
+    """Out-of-place Adam for one parameter: (w', ĝ, m', v', v̄', q, bc1, bc2)."""  # fmt: skip
+    g = -g if maximize else g
+    if decoupled:
+        w_tilde, g_hat = w * (1 - lr * wd), g
+    else:
+        w_tilde, g_hat = w, g + wd * w
+    new_m = b1 * m + (1 - b1) * g_hat
+    new_v = b2 * v + (1 - b2) * g_hat * g_hat
+    new_vmax = None if vmax is None else torch.maximum(vmax, new_v)
+    bc1 = 1 - b1**t
+    bc2 = 1 - b2**t
+    src = new_v if new_vmax is None else new_vmax
+    q = src.sqrt() / bc2**0.5
+    new_w = w_tilde - lr * new_m / (bc1 * (q + eps))
+    return new_w, g_hat, new_m, new_v, new_vmax, q, bc1, bc2
+
+
+class AdamRule:
+    """The update map of ``torch.optim.Adam`` and ``AdamW`` (maths in the module docstring).
+
+    ``flags``: ``amsgrad``, ``maximize``, ``decoupled_weight_decay`` (bool).  The state holds
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (AMSGrad only) and ``step``, the
+    per-parameter step count as torch keeps it: a 0-dim float tensor, counted before the
+    update, not differentiated.
+    """
+
+    learnable = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    state_names = (_M, _V, _VMAX)
+
+    def init_state(self, params: list[Tensor], flags: dict[str, object]) -> RuleState:
+        state: RuleState = {
+            _STEP: [torch.tensor(0.0) for _ in params],
+            _M: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
+            _V: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
+        }
+        if flags["amsgrad"]:
+            state[_VMAX] = [
+                torch.zeros_like(p, memory_format=torch.preserve_format) for p in params
+            ]
+        return state
+
+    def step(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+    ) -> None:
+        # torch's arithmetic (its single-tensor Adam, element for element) with foreach kernels;
+        # the bias corrections are Python floats per parameter, as torch computes them.
+        if not params:
+            return
+        lr, b1, b2, eps, wd = (hp[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+        steps = present(state[_STEP])
+        exp_avgs, exp_avg_sqs = present(state[_M]), present(state[_V])
+        torch._foreach_add_(steps, 1)
+        ts = [float(s.item()) for s in steps]  # CPU tensors: no device synchronisation
+        g: list[Tensor] = list(torch._foreach_neg(grads)) if flags["maximize"] else grads
+        if not is_zero(wd):
+            if flags["decoupled_weight_decay"]:
+                if isinstance(lr, float) and isinstance(wd, float):
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                else:
+                    torch._foreach_mul_(
+                        params,
+                        [
+                            1 - x * y
+                            for x, y in zip(as_list(lr, params), as_list(wd, params), strict=True)
+                        ],  # type: ignore[misc]
+                    )
+            else:
+                g = add_scaled(g, params, wd)
+        torch._foreach_lerp_(exp_avgs, g, one_minus(b1))
+        torch._foreach_mul_(exp_avg_sqs, b2)
+        if isinstance(b2, float):
+            torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - b2)
+        else:
+            torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(g, one_minus(b2)), g)
+        src = exp_avg_sqs
+        if flags["amsgrad"]:
+            src = present(state[_VMAX])
+            torch._foreach_maximum_(src, exp_avg_sqs)
+        b1s, b2s, lrs = as_list(b1, params), as_list(b2, params), as_list(lr, params)
+        bc2_sqrt = [(1 - b**t) ** 0.5 for b, t in zip(b2s, ts, strict=True)]
+        step_size = [x / (1 - b**t) for x, b, t in zip(lrs, b1s, ts, strict=True)]
+        denom = list(torch._foreach_sqrt(src))
+        torch._foreach_div_(denom, bc2_sqrt)  # type: ignore[arg-type]
+        torch._foreach_add_(denom, eps)
+        if all(isinstance(s, float) for s in step_size):
+            torch._foreach_addcdiv_(params, exp_avgs, denom, [-s for s in step_size])  # type: ignore[misc]
+        else:
+            update = list(torch._foreach_div(exp_avgs, denom))
+            torch._foreach_mul_(update, step_size)  # type: ignore[arg-type]
+            torch._foreach_sub_(params, update)
+
+    def reference(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+    ) -> tuple[list[Tensor], RuleState]:
+        amsgrad = bool(flags["amsgrad"])
+        out: RuleState = {_STEP: [], _M: [], _V: []}
+        if amsgrad:
+            out[_VMAX] = []
+        new_params = []
+        vmaxs = state[_VMAX] if amsgrad else [None] * len(params)
+        for i, (w, g) in enumerate(zip(params, grads, strict=True)):
+            step = present(state[_STEP])[i]
+            new_w, _, m, v, vmax, *_ = _forward_one(
+                w, g, present(state[_M])[i], present(state[_V])[i], vmaxs[i],
+                float(step) + 1, *self._hyper_at(hp, params, i),
+                decoupled=bool(flags["decoupled_weight_decay"]),
+                maximize=bool(flags["maximize"]),
+            )  # fmt: skip
+            new_params.append(new_w)
+            out[_STEP].append(step + 1)
+            out[_M].append(m)
+            out[_V].append(v)
+            if amsgrad:
+                out[_VMAX].append(vmax)
+        return new_params, out
+
+    @staticmethod
+    def _hyper_at(hp: dict[str, Hyper], params: list[Tensor], i: int) -> tuple[Tensor | float, ...]:
+        return tuple(
+            as_list(hp[k], params)[i] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")
+        )
+
+    def _backward(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+    ) -> list[_Backward]:
+        amsgrad = bool(flags["amsgrad"])
+        decoupled = bool(flags["decoupled_weight_decay"])
+        vmaxs = state[_VMAX] if amsgrad else [None] * len(params)
+        out = []
+        for i, (w, g, a_w) in enumerate(zip(params, grads, cotangent_params, strict=True)):
+            t = float(present(state[_STEP])[i]) + 1
+            lr, b1, b2, eps, wd = self._hyper_at(hp, params, i)
+            _, g_hat, new_m, new_v, new_vmax, q, bc1, bc2 = _forward_one(
+                w, g, present(state[_M])[i], present(state[_V])[i], vmaxs[i], t,
+                lr, b1, b2, eps, wd, decoupled=decoupled, maximize=bool(flags["maximize"]),
+            )  # fmt: skip
+            src = new_v if new_vmax is None else new_vmax
+            denom = q + eps
+            k = lr * new_m / (bc1 * denom * denom)
+            dq_dsrc = torch.where(src > 0, 0.5 / (src * bc2).clamp_min(1e-300).sqrt(), 0.0)
+            cot_m = _cot(cotangent_state, _M, i, a_w) - a_w * lr / (bc1 * denom)
+            cot_src = a_w * k * dq_dsrc
+            cot_vmax_old = None
+            if amsgrad:
+                cot_src = cot_src + _cot(cotangent_state, _VMAX, i, a_w)
+                old_vmax = vmaxs[i]
+                assert old_vmax is not None
+                to_new = new_v > old_vmax
+                cot_vmax_old = torch.where(to_new, 0.0, cot_src)
+                cot_src = torch.where(to_new, cot_src, 0.0)
+            cot_v = _cot(cotangent_state, _V, i, a_w) + cot_src
+            cot_g_hat = (1 - b1) * cot_m + 2 * (1 - b2) * g_hat * cot_v
+            out.append(
+                _Backward(g_hat, new_m, bc1, denom, q, k, cot_m, cot_v, cot_vmax_old, cot_g_hat, t)
+            )
+        return out
+
+    def state_vjp(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+    ) -> StateCotangent:
+        parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
+        decoupled = bool(flags["decoupled_weight_decay"])
+        sign = -1.0 if flags["maximize"] else 1.0
+        cot_params, cot_m, cot_v, cot_vmax = [], [], [], []
+        for i, (a_w, p) in enumerate(zip(cotangent_params, parts, strict=True)):
+            lr, b1, b2, _, wd = self._hyper_at(hp, params, i)
+            if decoupled:
+                cot_params.append(a_w * (1 - lr * wd))
+            else:
+                cot_params.append(a_w + wd * p.cot_g_hat)
+            cot_m.append(b1 * p.cot_m)
+            cot_v.append(b2 * p.cot_v)
+            cot_vmax.append(p.cot_vmax_old)
+        out_state: RuleState = {_M: cot_m, _V: cot_v}
+        if flags["amsgrad"]:
+            out_state[_VMAX] = cot_vmax
+        return StateCotangent(cot_params, out_state, [sign * p.cot_g_hat for p in parts])
+
+    def hyper_vjp(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+        names: tuple[str, ...],
+    ) -> dict[str, list[Tensor]]:
+        parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
+        decoupled = bool(flags["decoupled_weight_decay"])
+        out: dict[str, list[Tensor]] = {name: [] for name in names}
+        for i, (w, a_w, p) in enumerate(zip(params, cotangent_params, parts, strict=True)):
+            lr, b1, b2, _, wd = self._hyper_at(hp, params, i)
+            t = p.step
+            for name in names:
+                if name == "lr":
+                    d_w = -p.new_m / (p.bc1 * p.denom)
+                    if decoupled:
+                        d_w = d_w - wd * w
+                    val = a_w * d_w
+                elif name == "eps":
+                    val = a_w * p.k
+                elif name == "weight_decay":
+                    val = -lr * a_w * w if decoupled else p.cot_g_hat * w
+                elif name == "beta1":
+                    m = present(state[_M])[i]
+                    val = p.cot_m * (m - p.g_hat) - a_w * p.k * p.denom * t * b1 ** (t - 1) / p.bc1
+                elif name == "beta2":
+                    v = present(state[_V])[i]
+                    bc2 = 1 - b2**t
+                    val = p.cot_v * (v - p.g_hat * p.g_hat) + a_w * p.k * p.q * t * b2 ** (
+                        t - 1
+                    ) / (2 * bc2)
+                else:
+                    raise ValueError(f"Adam has no learnable hyperparameter {name!r}")
+                out[name].append(val)
+        return out
+
+
+def _cot(cotangent_state: RuleState, name: str, i: int, like: Tensor) -> Tensor:
+    """The cotangent of state buffer ``name`` of parameter ``i``; zero when absent."""
+    xs = cotangent_state.get(name)
+    x = None if xs is None else xs[i]
+    return torch.zeros_like(like) if x is None else x

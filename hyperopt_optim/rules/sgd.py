@@ -1,0 +1,265 @@
+r"""Stochastic gradient descent with momentum, as ``torch.optim.SGD`` computes it.
+
+With :math:`\sigma = -1` when maximizing (else 1), weight decay :math:`\xi`, momentum
+:math:`\mu`, dampening :math:`\tau` and learning rate :math:`\eta`:
+
+.. math::
+
+    \hat g = \sigma g + \xi w,\qquad
+    b' = \begin{cases}\hat g & \text{first step}\\ \mu b + (1-\tau)\hat g & \text{after}\end{cases},
+    \qquad d = \begin{cases}\hat g + \mu b' & \text{Nesterov}\\ b' & \text{else}\end{cases},
+    \qquad w' = w - \eta d.
+
+Without momentum (:math:`\mu = 0`, not learned) there is no buffer and :math:`d = \hat g`.
+The closed-form products (DESIGN §3), for a cotangent :math:`(a_w, a_b)` on :math:`(w', b')`:
+:math:`c_{b'} = a_b - \eta a_w` (Nesterov: :math:`a_b - \eta\mu a_w`, and
+:math:`c_{\hat g} \mathrel{+}= -\eta a_w`), :math:`c_{\hat g} \mathrel{+}= (1-\tau) c_{b'}`,
+then :math:`a·∂U/∂w = a_w + \xi c_{\hat g}`, :math:`a·∂U/∂b = \mu c_{b'}`,
+:math:`r = \sigma c_{\hat g}`; and :math:`a·∂U/∂\eta = -a_w d`,
+:math:`a·∂U/∂\mu = c_{b'} b\ (- \eta a_w b'` with Nesterov), :math:`a·∂U/∂\xi = c_{\hat g} w`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    Hyper,
+    RuleState,
+    StateCotangent,
+    add_scaled,
+    as_list,
+    is_zero,
+    sub_scaled_,
+)
+
+__all__ = ["SGDRule"]
+
+_BUFFER = "momentum_buffer"
+
+
+def _uses_buffer(hp: dict[str, Hyper]) -> bool:
+    return not is_zero(hp["momentum"])
+
+
+@dataclass
+class _Backward:
+    """One parameter's forward quantities and cotangents (see the module docstring)."""
+
+    direction: Tensor  # d
+    new_buffer: Tensor | None  # b'
+    cot_new_buffer: Tensor | None  # c_{b'}
+    cot_grad_hat: Tensor  # c_{ĝ}
+
+
+def _backward_one(
+    w: Tensor,
+    g: Tensor,
+    b: Tensor | None,
+    a_w: Tensor,
+    a_b: Tensor | None,
+    lr: Tensor | float,
+    mu: Tensor | float,
+    wd: Tensor | float,
+    *,
+    use_buffer: bool,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> _Backward:
+    g_hat = (-g if maximize else g) + wd * w
+    if not use_buffer:
+        return _Backward(g_hat, None, None, -lr * a_w)
+    new_b = g_hat if b is None else mu * b + (1 - dampening) * g_hat
+    cot_b_in = a_b if a_b is not None else torch.zeros_like(w)
+    if nesterov:
+        direction = g_hat + mu * new_b
+        cot_new_b = cot_b_in - lr * mu * a_w
+        cot_g_hat = -lr * a_w
+    else:
+        direction = new_b
+        cot_new_b = cot_b_in - lr * a_w
+        cot_g_hat = torch.zeros_like(w)
+    cot_g_hat = cot_g_hat + (cot_new_b if b is None else (1 - dampening) * cot_new_b)
+    return _Backward(direction, new_b, cot_new_b, cot_g_hat)
+
+
+class SGDRule:
+    """The update map of ``torch.optim.SGD`` (see the module docstring for the maths).
+
+    ``flags``: ``dampening`` (float), ``nesterov`` and ``maximize`` (bool).  The state holds
+    ``momentum_buffer`` only when momentum is used; a ``None`` entry is a parameter whose
+    buffer torch has not created yet.
+    """
+
+    learnable = ("lr", "momentum", "weight_decay")
+    state_names = (_BUFFER,)
+
+    def init_state(self, params: list[Tensor], flags: dict[str, object]) -> RuleState:
+        return {_BUFFER: [None] * len(params)}
+
+    def step(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+    ) -> None:
+        # The operations and their order are torch's `_multi_tensor_sgd`, so a float
+        # hyperparameter gives torch's result to the last bit; the user's gradients are
+        # never written to.
+        if not params:
+            return
+        lr, mu, wd = hp["lr"], hp["momentum"], hp["weight_decay"]
+        dampening = float(flags["dampening"])  # type: ignore[arg-type]
+        d: list[Tensor] = list(torch._foreach_neg(grads)) if flags["maximize"] else grads
+        if not is_zero(wd):
+            d = add_scaled(d, params, wd)
+        if _uses_buffer(hp):
+            bufs = state.setdefault(_BUFFER, [None] * len(params))
+            if all(b is not None for b in bufs):
+                present_bufs: list[Tensor] = [b for b in bufs if b is not None]
+                torch._foreach_mul_(present_bufs, mu)
+                torch._foreach_add_(present_bufs, d, alpha=1 - dampening)
+            else:
+                for i, (b, mu_i) in enumerate(zip(bufs, as_list(mu, params), strict=True)):
+                    if b is None:
+                        bufs[i] = d[i].detach().clone()
+                    else:
+                        b.mul_(mu_i).add_(d[i], alpha=1 - dampening)
+                present_bufs = [b for b in bufs if b is not None]
+            d = add_scaled(d, present_bufs, mu) if flags["nesterov"] else present_bufs
+        sub_scaled_(params, d, lr)
+
+    def reference(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+    ) -> tuple[list[Tensor], RuleState]:
+        use_buffer = _uses_buffer(hp)
+        bufs = state.get(_BUFFER, [None] * len(params))
+        new_params: list[Tensor] = []
+        new_bufs: list[Tensor | None] = []
+        for w, g, b, lr, mu, wd in zip(
+            params,
+            grads,
+            bufs,
+            as_list(hp["lr"], params),
+            as_list(hp["momentum"], params),
+            as_list(hp["weight_decay"], params),
+            strict=True,
+        ):
+            g_hat = (-g if flags["maximize"] else g) + wd * w
+            if use_buffer:
+                new_b = g_hat if b is None else mu * b + (1 - flags["dampening"]) * g_hat  # type: ignore[operator]
+                d = g_hat + mu * new_b if flags["nesterov"] else new_b
+                new_bufs.append(new_b)
+            else:
+                d = g_hat
+            new_params.append(w - lr * d)
+        return new_params, ({_BUFFER: new_bufs} if use_buffer else {})
+
+    def _backward(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+    ) -> list[_Backward]:
+        use_buffer = _uses_buffer(hp)
+        bufs = state.get(_BUFFER, [None] * len(params))
+        cot_bufs = cotangent_state.get(_BUFFER, [None] * len(params))
+        return [
+            _backward_one(
+                w, g, b, a_w, a_b, lr, mu, wd,
+                use_buffer=use_buffer,
+                dampening=float(flags["dampening"]),  # type: ignore[arg-type]
+                nesterov=bool(flags["nesterov"]),
+                maximize=bool(flags["maximize"]),
+            )
+            for w, g, b, a_w, a_b, lr, mu, wd in zip(
+                params,
+                grads,
+                bufs,
+                cotangent_params,
+                cot_bufs,
+                as_list(hp["lr"], params),
+                as_list(hp["momentum"], params),
+                as_list(hp["weight_decay"], params),
+                strict=True,
+            )
+        ]  # fmt: skip
+
+    def state_vjp(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+    ) -> StateCotangent:
+        parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
+        sign = -1.0 if flags["maximize"] else 1.0
+        wds = as_list(hp["weight_decay"], params)
+        cot_params = [
+            a_w + wd * p.cot_grad_hat
+            for a_w, wd, p in zip(cotangent_params, wds, parts, strict=True)
+        ]
+        out_state: RuleState = {}
+        if _uses_buffer(hp):
+            bufs = state.get(_BUFFER, [None] * len(params))
+            out_state[_BUFFER] = [
+                torch.zeros_like(a_w) if b is None else mu * p.cot_new_buffer  # type: ignore[operator]
+                for a_w, b, mu, p in zip(
+                    cotangent_params, bufs, as_list(hp["momentum"], params), parts, strict=True
+                )
+            ]
+        return StateCotangent(cot_params, out_state, [sign * p.cot_grad_hat for p in parts])
+
+    def hyper_vjp(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+        names: tuple[str, ...],
+    ) -> dict[str, list[Tensor]]:
+        parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
+        bufs = state.get(_BUFFER, [None] * len(params))
+        out: dict[str, list[Tensor]] = {}
+        for name in names:
+            if name == "lr":
+                out[name] = [
+                    -a_w * p.direction for a_w, p in zip(cotangent_params, parts, strict=True)
+                ]
+            elif name == "weight_decay":
+                out[name] = [p.cot_grad_hat * w for w, p in zip(params, parts, strict=True)]
+            elif name == "momentum":
+                terms = []
+                for a_w, b, lr, p in zip(
+                    cotangent_params, bufs, as_list(hp["lr"], params), parts, strict=True
+                ):
+                    assert p.cot_new_buffer is not None and p.new_buffer is not None
+                    term = torch.zeros_like(a_w) if b is None else p.cot_new_buffer * b
+                    if flags["nesterov"]:
+                        term = term - lr * a_w * p.new_buffer
+                    terms.append(term)
+                out[name] = terms
+            else:
+                raise ValueError(f"SGD has no learnable hyperparameter {name!r}")
+        return out

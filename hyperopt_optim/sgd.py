@@ -1,0 +1,184 @@
+"""``HyperSGD``: ``torch.optim.SGD`` whose learning rate, momentum and weight decay learn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .optimizer import HyperOptimizer, HyperOptimizerFactory, _check_real
+from .rules.sgd import SGDRule
+
+__all__ = ["HyperSGD"]
+
+
+class HyperSGD(HyperOptimizer):
+    r"""Stochastic gradient descent (with momentum) that tunes its own hyperparameters.
+
+    The update is ``torch.optim.SGD``'s, bit for bit while the learned values stand still:
+
+    .. math::
+
+        \hat g_t = \sigma g_t + \xi w_t,\quad
+        b_{t+1} = \mu b_t + (1-\tau)\hat g_t\ (b_1 = \hat g_0),\quad
+        w_{t+1} = w_t - \eta\,(b_{t+1} \text{ or, Nesterov, } \hat g_t + \mu b_{t+1}).
+
+    Every ``update_interval`` steps the values named in ``learn`` take one step of the
+    hyper-optimizer along the hypergradient of the validation loss (``method="ift"``:
+    Clarke et al. 2022, arXiv 2110.10461; ``"greedy"``: its ``K = 0`` case) or of the next
+    training loss (``"hd"``: Baydin et al. 2018, arXiv 1703.04782).
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: learning rate :math:`\eta` (default: 1e-3).
+        momentum: momentum factor :math:`\mu` (default: 0).
+        dampening: dampening :math:`\tau` for momentum (default: 0).
+        weight_decay: L2 penalty :math:`\xi` (default: 0).
+        nesterov: Nesterov momentum (default: False).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        foreach: ``False`` updates one tensor at a time (less temporary memory); otherwise
+            ``torch._foreach`` kernels (default: None).
+        differentiable: must be False: the optimizer differentiates its own update.
+        fused: must be None or False: no fused kernel.
+        learn: the hyperparameters to learn, any of ``"lr"``, ``"momentum"``,
+            ``"weight_decay"`` (default: ``("lr",)``).  A learned value must start inside its
+            bounds: positive for lr and weight decay, in (0, 1) for momentum.
+        granularity: ``"scalar"`` (one value per param group), ``"tensor"`` (one per
+            parameter tensor) or ``"element"`` (one per weight) (default: ``"scalar"``).
+        method: ``"ift"``, ``"greedy"`` or ``"hd"`` (default: ``"ift"``).
+        neumann_steps: ``K``, the terms of the Neumann series after the first (default: 4
+            for ``"ift"``; must be 0 for the others).
+        update_interval: ``T``, steps between hyper-steps (default: 10; 1 for ``"hd"``).
+        hyper_optimizer: a callable taking the list of unconstrained learned values
+            (``log`` of lr and weight decay, ``logit`` of momentum) and returning a torch
+            optimizer over them (default: ``torch.optim.Adam(params, lr=0.05)``).
+        hvp: how Hessian-vector products are taken: ``"autograd"`` (exact; the closure must
+            return the loss without calling ``backward()``), ``"finite_difference"`` (central
+            differences of the gradient, two closure calls per product, any closure),
+            ``"forward_difference"`` (one closure call per product, reusing the step's
+            gradient), or ``"auto"``: autograd when the closure leaves ``backward()`` to the
+            optimizer, else central differences (default: ``"auto"``).
+        bounds: ``{name: (low, high)}`` in natural units, overriding the defaults
+            (lr [1e-8, 10], weight decay [1e-10, 10], momentum [1e-6, 1 - 1e-6]).
+
+    Example:
+        >>> import torch
+        >>> from hyperopt_optim import HyperSGD
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y, xv, yv = (
+        ...     torch.randn(32, 3),
+        ...     torch.randn(32, 1),
+        ...     torch.randn(16, 3),
+        ...     torch.randn(16, 1),
+        ... )
+        >>> opt = HyperSGD(
+        ...     model.parameters(),
+        ...     lr=0.01,
+        ...     momentum=0.9,
+        ...     weight_decay=1e-4,
+        ...     learn=("lr", "momentum", "weight_decay"),
+        ... )
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> def val_closure():
+        ...     return torch.nn.functional.mse_loss(model(xv), yv)
+        >>> for _ in range(20):
+        ...     _ = opt.step(closure, val_closure=val_closure)
+        >>> sorted(opt.hyperparameters()[0])
+        ['lr', 'momentum', 'weight_decay']
+    """
+
+    rule = SGDRule()
+    flag_names = ("dampening", "nesterov", "maximize")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        learn: str | Iterable[str] = ("lr",),
+        granularity: str = "scalar",
+        method: str = "ift",
+        neumann_steps: int | None = None,
+        update_interval: int | None = None,
+        hyper_optimizer: HyperOptimizerFactory | None = None,
+        hvp: str = "auto",
+        bounds: Mapping[str, tuple[float, float]] | None = None,
+    ) -> None:
+        for name, flag in (("nesterov", nesterov), ("maximize", maximize)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
+        if differentiable is not False:
+            raise ValueError(
+                f"differentiable={differentiable!r} is not supported: HyperSGD differentiates "
+                "its own update"
+            )
+        if fused:
+            raise ValueError(f"fused={fused!r} is not supported: HyperSGD has no fused kernel")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": False,
+            "fused": None,
+        }
+        self._check_group(defaults, None)
+        super().__init__(
+            params,
+            defaults,
+            learn=learn,
+            granularity=granularity,
+            method=method,
+            neumann_steps=neumann_steps,
+            update_interval=update_interval,
+            hyper_optimizer=hyper_optimizer,
+            hvp=hvp,
+            bounds=bounds,
+        )
+
+    def _check_group(self, group: dict[str, Any], index: int | None) -> None:
+        where = "" if index is None else f"param group {index}: "
+        for name in ("lr", "momentum", "dampening", "weight_decay"):
+            value = _check_real(name, group[name], where)
+            if value < 0:
+                raise ValueError(
+                    f"{where}Invalid {name.replace('_', ' ')} value: {value!r} (must be >= 0)"
+                )
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                f"{where}Nesterov momentum requires a momentum and zero dampening, got "
+                f"momentum={group['momentum']!r}, dampening={group['dampening']!r}"
+            )
+        if "momentum" in getattr(self, "learn", ()) and group["momentum"] == 0:
+            raise ValueError(
+                f"{where}momentum=0 cannot be learned: start it in (0, 1), e.g. momentum=0.9"
+            )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
