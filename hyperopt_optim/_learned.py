@@ -104,7 +104,10 @@ class LearnedValue:
                 shape = () if granularity == "tensor" else p.shape
                 phi.append(torch.full(shape, phi0, dtype=dtype, device=p.device))
         learned = cls(name, granularity, bounds, phi, float(value))
-        learned.refresh(params)
+        if granularity != "scalar":  # the user's own float, not exp(log(value))
+            learned.values = [
+                torch.full_like(x, value, dtype=p.dtype) for x, p in zip(phi, params, strict=True)
+            ]
         return learned
 
     # -- the values -------------------------------------------------------------------------

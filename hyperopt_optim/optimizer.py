@@ -56,6 +56,18 @@ def _default_hyper_optimizer(params: list[Tensor]) -> Optimizer:
     return torch.optim.Adam(params, lr=DEFAULT_HYPER_LR)
 
 
+def _grad(
+    output: Tensor, inputs: list[Tensor], *, create_graph: bool = False
+) -> list[Tensor | None]:
+    """``torch.autograd.grad`` with ``None`` for inputs the output does not depend on."""
+    grads = torch.autograd.grad(output, inputs, create_graph=create_graph, allow_unused=True)
+    return cast(list[Tensor | None], list(grads))
+
+
+def _zeros_for_none(grads: list[Tensor | None], like: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(like, grads, strict=True)]
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -86,7 +98,7 @@ class HyperOptimizer(Optimizer):
         bounds: Mapping[str, tuple[float, float]] | None,
     ) -> None:
         self.learn = _check_learn(learn, self.rule.learnable)
-        if not isinstance(granularity, str) or granularity not in GRANULARITIES:
+        if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.granularity = cast(Granularity, granularity)
         self.method = _check_choice("method", method, METHODS)
@@ -223,9 +235,7 @@ class HyperOptimizer(Optimizer):
 
     # -- the step --------------------------------------------------------------------------
 
-    def step(  # type: ignore[override]
-        self, closure: Closure | None = None, *, val_closure: Closure | None = None
-    ) -> Any:
+    def step(self, closure: Closure | None = None, *, val_closure: Closure | None = None) -> Any:
         """One update of the weights and, every ``update_interval`` steps, of the learned values.
 
         Args:
@@ -405,9 +415,7 @@ class HyperOptimizer(Optimizer):
                     self._resolved_hvp = "finite_difference"
                 return loss, None
             loss_tensor = _check_training_loss(loss)
-            grads = torch.autograd.grad(
-                loss_tensor, params, create_graph=graph_wanted, allow_unused=True
-            )
+            grads = _grad(loss_tensor, params, create_graph=graph_wanted)
         for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.detach()
         if self._resolved_hvp is None:
@@ -423,8 +431,8 @@ class HyperOptimizer(Optimizer):
             loss = closure()
             if self._backward_count[0] != before:
                 return [torch.zeros_like(p) if p.grad is None else p.grad for p in live]
-            grads = torch.autograd.grad(_check_training_loss(loss), live, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(live, grads, strict=True)]
+            grads = _grad(_check_training_loss(loss), live)
+        return _zeros_for_none(grads, live)
 
     def _make_hvp(
         self, snapshot: list[GroupSnapshot], closure: Closure, graph: dict[int, Tensor] | None
@@ -473,8 +481,8 @@ class HyperOptimizer(Optimizer):
             if not bool(torch.isfinite(value.detach()).all()):
                 self._skip(f"the validation loss is {float(value)}")
                 return None
-            grads = torch.autograd.grad(value.reshape(()), live, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(live, grads, strict=True)]
+            grads = _grad(value.reshape(()), live)
+        return _zeros_for_none(grads, live)
 
     # -- hyper-updates ---------------------------------------------------------------------
 

@@ -66,8 +66,10 @@ class AutogradHVP:
         inputs = [p for p, _ in self._pairs]
         outputs = [g for _, g in self._pairs]
         grad_outputs = [directions[index[id(p)]] for p in inputs]
-        products = torch.autograd.grad(
-            outputs, self._params, grad_outputs, retain_graph=True, allow_unused=True
+        products: list[Tensor | None] = list(
+            torch.autograd.grad(
+                outputs, self._params, grad_outputs, retain_graph=True, allow_unused=True
+            )
         )
         del inputs
         return [

@@ -107,8 +107,8 @@ class AdamRule:
     update, not differentiated.
     """
 
-    learnable = ("lr", "beta1", "beta2", "eps", "weight_decay")
-    state_names = (_M, _V, _VMAX)
+    learnable: tuple[str, ...] = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    state_names: tuple[str, ...] = (_M, _V, _VMAX)
 
     def init_state(self, params: list[Tensor], flags: dict[str, object]) -> RuleState:
         state: RuleState = {
@@ -145,13 +145,11 @@ class AdamRule:
                 if isinstance(lr, float) and isinstance(wd, float):
                     torch._foreach_mul_(params, 1 - lr * wd)
                 else:
-                    torch._foreach_mul_(
-                        params,
-                        [
-                            1 - x * y
-                            for x, y in zip(as_list(lr, params), as_list(wd, params), strict=True)
-                        ],  # type: ignore[misc]
-                    )
+                    factors = [
+                        1 - x * y
+                        for x, y in zip(as_list(lr, params), as_list(wd, params), strict=True)
+                    ]
+                    torch._foreach_mul_(params, factors)  # type: ignore[arg-type]
             else:
                 g = add_scaled(g, params, wd)
         torch._foreach_lerp_(exp_avgs, g, one_minus(b1))
@@ -168,13 +166,14 @@ class AdamRule:
         bc2_sqrt = [(1 - b**t) ** 0.5 for b, t in zip(b2s, ts, strict=True)]
         step_size = [x / (1 - b**t) for x, b, t in zip(lrs, b1s, ts, strict=True)]
         denom = list(torch._foreach_sqrt(src))
-        torch._foreach_div_(denom, bc2_sqrt)  # type: ignore[arg-type]
+        torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
-        if all(isinstance(s, float) for s in step_size):
-            torch._foreach_addcdiv_(params, exp_avgs, denom, [-s for s in step_size])  # type: ignore[misc]
+        scalar_sizes = [s for s in step_size if isinstance(s, float)]
+        if len(scalar_sizes) == len(step_size):
+            torch._foreach_addcdiv_(params, exp_avgs, denom, [-s for s in scalar_sizes])
         else:
             update = list(torch._foreach_div(exp_avgs, denom))
-            torch._foreach_mul_(update, step_size)  # type: ignore[arg-type]
+            torch._foreach_mul_(update, step_size)
             torch._foreach_sub_(params, update)
 
     def reference(
@@ -268,7 +267,10 @@ class AdamRule:
         parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
         decoupled = bool(flags["decoupled_weight_decay"])
         sign = -1.0 if flags["maximize"] else 1.0
-        cot_params, cot_m, cot_v, cot_vmax = [], [], [], []
+        cot_params: list[Tensor] = []
+        cot_m: list[Tensor | None] = []
+        cot_v: list[Tensor | None] = []
+        cot_vmax: list[Tensor | None] = []
         for i, (a_w, p) in enumerate(zip(cotangent_params, parts, strict=True)):
             lr, b1, b2, _, wd = self._hyper_at(hp, params, i)
             if decoupled:

@@ -95,8 +95,8 @@ class SGDRule:
     buffer torch has not created yet.
     """
 
-    learnable = ("lr", "momentum", "weight_decay")
-    state_names = (_BUFFER,)
+    learnable: tuple[str, ...] = ("lr", "momentum", "weight_decay")
+    state_names: tuple[str, ...] = (_BUFFER,)
 
     def init_state(self, params: list[Tensor], flags: dict[str, object]) -> RuleState:
         return {_BUFFER: [None] * len(params)}
@@ -220,12 +220,13 @@ class SGDRule:
         out_state: RuleState = {}
         if _uses_buffer(hp):
             bufs = state.get(_BUFFER, [None] * len(params))
-            out_state[_BUFFER] = [
-                torch.zeros_like(a_w) if b is None else mu * p.cot_new_buffer  # type: ignore[operator]
-                for a_w, b, mu, p in zip(
-                    cotangent_params, bufs, as_list(hp["momentum"], params), parts, strict=True
-                )
-            ]
+            cot_bufs: list[Tensor | None] = []
+            for a_w, b, mu, p in zip(
+                cotangent_params, bufs, as_list(hp["momentum"], params), parts, strict=True
+            ):
+                assert p.cot_new_buffer is not None
+                cot_bufs.append(torch.zeros_like(a_w) if b is None else mu * p.cot_new_buffer)
+            out_state[_BUFFER] = cot_bufs
         return StateCotangent(cot_params, out_state, [sign * p.cot_grad_hat for p in parts])
 
     def hyper_vjp(
