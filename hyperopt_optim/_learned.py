@@ -142,7 +142,8 @@ class LearnedValue:
             phi.clamp_(lo, hi)
 
     def take_external(self, new: float, params: list[Tensor]) -> float:
-        """Take up a value someone else wrote into the param group; returns what to show.
+        """Take up a value someone else wrote into the param group; returns what to show
+        there (the new value, or for ``"tensor"``/``"element"`` the new mean).
 
         For ``"scalar"`` the value replaces the learned one.  For ``"tensor"`` and
         ``"element"``, a scale hyperparameter (lr, weight decay, eps) is multiplied by
@@ -161,10 +162,12 @@ class LearnedValue:
                 for phi in self.phi:
                     phi.add_(shift)
             self.clip_()
-        if self.granularity != "scalar":
-            self.values = []
-            self.refresh(params)
-        return new
+        if self.granularity == "scalar":
+            return new
+        self.values = []
+        shown = self.refresh(params)
+        assert shown is not None
+        return shown
 
     # -- hypergradients ---------------------------------------------------------------------
 

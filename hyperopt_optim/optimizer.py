@@ -12,8 +12,10 @@ mathematics, :mod:`hyperopt_optim.rules`), a hypergradient method
 4. apply the fast in-place update of every group;
 5. let the method compute hypergradients at the new point, then step the learned values.
 
-A NaN or infinite validation loss or hypergradient skips that hyper-update: weights and
-learned values are left as they are, a ``RuntimeWarning`` says why and the state counts it.
+A NaN or infinite validation loss or hypergradient skips that hyper-update: the learned values
+and the hyper-optimizer's state are left as they are (the step's ordinary weight update,
+which used only the training gradient, stands), a ``RuntimeWarning`` says why and
+``hyper_state["skipped_hyper_steps"]`` counts it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Any, ClassVar, cast
 
 import torch
@@ -411,14 +413,14 @@ class HyperOptimizer(Optimizer):
                         "hvp='autograd' needs a closure that returns the loss without calling "
                         "backward(); use hvp='finite_difference' with torch's ordinary closure"
                     )
-                if self._resolved_hvp is None:
+                if self.hvp == "auto":  # decided by the closure in hand, step by step
                     self._resolved_hvp = "finite_difference"
                 return loss, None
             loss_tensor = _check_training_loss(loss)
             grads = _grad(loss_tensor, params, create_graph=graph_wanted)
         for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.detach()
-        if self._resolved_hvp is None:
+        if self.hvp == "auto":
             self._resolved_hvp = "autograd"
         if not graph_wanted:
             return loss, None
@@ -438,8 +440,7 @@ class HyperOptimizer(Optimizer):
         self, snapshot: list[GroupSnapshot], closure: Closure, graph: dict[int, Tensor] | None
     ) -> Callable[[list[Tensor]], list[Tensor]]:
         live = [p for g in snapshot for p in g.live]
-        if self._resolved_hvp == "autograd":
-            assert graph is not None
+        if graph is not None:
             return AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
         return FiniteDifferenceHVP(
             live,
@@ -489,8 +490,8 @@ class HyperOptimizer(Optimizer):
     def _skip(self, why: str) -> None:
         self._counters["skipped_hyper_steps"] += 1
         warnings.warn(
-            f"{type(self).__name__}: {why}; this hyper-update is skipped (weights and learned "
-            "hyperparameters unchanged)",
+            f"{type(self).__name__}: {why}; this hyper-update is skipped (the learned "
+            "hyperparameters are unchanged)",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -562,11 +563,17 @@ class HyperOptimizer(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this class (or torch's own, which leaves the learned values)."""
+        """Load a state dict of this class, or torch's own optimizer's.
+
+        From torch's (``torch.optim.SGD(...).state_dict()`` for :class:`HyperSGD`), the
+        buffers and hyperparameters load and the learned values restart from the loaded
+        hyperparameters, as if a scheduler had written them.
+        """
         state_dict = dict(state_dict)
         hyper = state_dict.pop("hyper", None)
         super().load_state_dict(state_dict)
         if hyper is None:
+            self._take_external_writes()
             return
         if len(hyper["phi"]) != len(self._learned):
             raise ValueError(
@@ -601,8 +608,10 @@ class HyperOptimizer(Optimizer):
             self._resolved_hvp = hyper.get("resolved_hvp")
 
     def __del__(self) -> None:
-        for handle in getattr(self, "_hook_handles", []):
-            handle.remove()
+        # the hooks that tell whether a closure called backward() live on the parameters
+        with suppress(Exception):  # at interpreter shutdown torch may be gone already
+            for handle in getattr(self, "_hook_handles", []):
+                handle.remove()
 
 
 # -- checks ----------------------------------------------------------------------------------
