@@ -123,6 +123,8 @@ class LearnedValue:
             if changed is not None and not bool(changed[0]):
                 return None
             return float(_to_natural(self.name, self.phi[0]))
+        if changed is not None and self.values and not any(bool(c.any()) for c in changed):
+            return None
         new_values = []
         for i, (phi, p) in enumerate(zip(self.phi, params, strict=True)):
             value = _to_natural(self.name, phi).to(p.dtype)
