@@ -128,9 +128,7 @@ class HyperAdam(HyperOptimizer):
         where = "" if index is None else f"param group {index}: "
         for name in ("lr", "eps", "weight_decay"):
             if _check_real(name, group[name], where) < 0:
-                raise ValueError(
-                    f"{where}Invalid {name.replace('_', ' ')} value: {group[name]!r} (must be >= 0)"
-                )
+                raise ValueError(f"{where}Invalid {name} value: {group[name]!r} (must be >= 0)")
         betas = group["betas"]
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise TypeError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")

@@ -480,7 +480,7 @@ class HyperOptimizer(Optimizer):
                     "(requires_grad=False): compute it from the model with gradients enabled"
                 )
             if not bool(torch.isfinite(value.detach()).all()):
-                self._skip(f"the validation loss is {float(value)}")
+                self._skip(f"the validation loss is {float(value.detach())}")
                 return None
             grads = _grad(value.reshape(()), live)
         return _zeros_for_none(grads, live)

@@ -161,9 +161,7 @@ class HyperSGD(HyperOptimizer):
         for name in ("lr", "momentum", "dampening", "weight_decay"):
             value = _check_real(name, group[name], where)
             if value < 0:
-                raise ValueError(
-                    f"{where}Invalid {name.replace('_', ' ')} value: {value!r} (must be >= 0)"
-                )
+                raise ValueError(f"{where}Invalid {name} value: {value!r} (must be >= 0)")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 f"{where}Nesterov momentum requires a momentum and zero dampening, got "

@@ -31,7 +31,10 @@ def clone_parameter_saves(params: list[Tensor]) -> Iterator[None]:
     """Make autograd save copies of the parameters (and their views) in the graph built here.
 
     The step then updates the parameters in place while the graph of the pre-step loss stays
-    valid for the Hessian-vector products that follow; other saved tensors are untouched.
+    valid for the Hessian-vector products that follow.  Other saved tensors are kept as
+    detached aliases (no copy): an op that saves its own output (tanh, sigmoid...) would
+    otherwise hold its graph node through the tensor and leak the graph in a reference cycle
+    that Python's collector cannot see; autograd restores the history when it unpacks.
     """
     pointers = {p.untyped_storage().data_ptr() for p in params}
 
@@ -40,7 +43,7 @@ def clone_parameter_saves(params: list[Tensor]) -> Iterator[None]:
             shared = t.untyped_storage().data_ptr() in pointers
         except (RuntimeError, NotImplementedError):  # tensors without storage
             shared = False
-        return t.clone() if shared else t
+        return t.detach().clone() if shared else t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield
