@@ -21,45 +21,26 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = [
-    "DEFAULT_BOUNDS",
-    "GRANULARITIES",
-    "LOGIT_SCALE",
-    "LearnedValue",
-    "natural_to_unconstrained",
-]
+__all__ = ["GRANULARITIES", "Granularity", "LearnedValue", "to_unconstrained"]
 
 GRANULARITIES = ("scalar", "tensor", "element")
 Granularity = Literal["scalar", "tensor", "element"]
 
-LOGIT_SCALE = frozenset({"momentum", "beta1", "beta2"})
-"""Names kept as ``logit λ``; every other learnable name is kept as ``log λ``."""
 
-DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
-    "lr": (1e-8, 10.0),
-    "weight_decay": (1e-10, 10.0),
-    "eps": (1e-16, 1.0),
-    "momentum": (1e-6, 1 - 1e-6),
-    "beta1": (1e-6, 1 - 1e-6),
-    "beta2": (1e-6, 1 - 1e-6),
-}
-"""Closed ranges, in natural units, that learned values are clipped to."""
-
-
-def natural_to_unconstrained(name: str, value: float) -> float:
-    """``φ = log λ`` or ``logit λ``."""
-    if name in LOGIT_SCALE:
+def to_unconstrained(value: float, fraction: bool) -> float:
+    """``φ = logit λ`` for a fraction, ``log λ`` for a scale."""
+    if fraction:
         return math.log(value) - math.log1p(-value)
     return math.log(value)
 
 
-def _to_natural(name: str, phi: Tensor) -> Tensor:
-    return torch.sigmoid(phi) if name in LOGIT_SCALE else torch.exp(phi)
+def _to_natural(phi: Tensor, fraction: bool) -> Tensor:
+    return torch.sigmoid(phi) if fraction else torch.exp(phi)
 
 
-def _natural_derivative(name: str, value: Tensor) -> Tensor:
+def _natural_derivative(value: Tensor, fraction: bool) -> Tensor:
     """``dλ/dφ`` written with ``λ``."""
-    return value * (1 - value) if name in LOGIT_SCALE else value
+    return value * (1 - value) if fraction else value
 
 
 @dataclass
@@ -68,6 +49,7 @@ class LearnedValue:
 
     Attributes:
         name: the hyperparameter (``"lr"``, ``"beta2"``...).
+        fraction: kept as ``logit λ`` (momentum, betas) rather than ``log λ``.
         granularity: ``"scalar"``, ``"tensor"`` or ``"element"``.
         bounds: the closed range in natural units.
         phi: the unconstrained values the hyper-optimizer steps: one tensor for
@@ -79,6 +61,7 @@ class LearnedValue:
     """
 
     name: str
+    fraction: bool
     granularity: Granularity
     bounds: tuple[float, float]
     phi: list[Tensor]
@@ -93,8 +76,9 @@ class LearnedValue:
         params: list[Tensor],
         granularity: Granularity,
         bounds: tuple[float, float],
+        fraction: bool,
     ) -> LearnedValue:
-        phi0 = natural_to_unconstrained(name, value)
+        phi0 = to_unconstrained(value, fraction)
         if granularity == "scalar":
             phi = [torch.tensor(phi0, dtype=torch.float64)]
         else:
@@ -103,7 +87,7 @@ class LearnedValue:
                 dtype = torch.promote_types(p.dtype, torch.float32)
                 shape = () if granularity == "tensor" else p.shape
                 phi.append(torch.full(shape, phi0, dtype=dtype, device=p.device))
-        learned = cls(name, granularity, bounds, phi, float(value))
+        learned = cls(name, fraction, granularity, bounds, phi, float(value))
         if granularity != "scalar":  # the user's own float, not exp(log(value))
             learned.values = [
                 torch.full_like(x, value, dtype=p.dtype) for x, p in zip(phi, params, strict=True)
@@ -122,12 +106,12 @@ class LearnedValue:
         if self.granularity == "scalar":
             if changed is not None and not bool(changed[0]):
                 return None
-            return float(_to_natural(self.name, self.phi[0]))
+            return float(_to_natural(self.phi[0], self.fraction))
         if changed is not None and self.values and not any(bool(c.any()) for c in changed):
             return None
         new_values = []
         for i, (phi, p) in enumerate(zip(self.phi, params, strict=True)):
-            value = _to_natural(self.name, phi).to(p.dtype)
+            value = _to_natural(phi, self.fraction).to(p.dtype)
             if changed is not None and self.values:
                 value = torch.where(changed[i], value, self.values[i])
             new_values.append(value)
@@ -139,7 +123,7 @@ class LearnedValue:
         return float(total) / max(1, sum(p.numel() for p in params))
 
     def clip_(self) -> None:
-        lo, hi = (natural_to_unconstrained(self.name, b) for b in self.bounds)
+        lo, hi = (to_unconstrained(b, self.fraction) for b in self.bounds)
         for phi in self.phi:
             phi.clamp_(lo, hi)
 
@@ -156,9 +140,9 @@ class LearnedValue:
         lo, hi = self.bounds
         new = min(max(new, lo), hi)
         with torch.no_grad():
-            if self.granularity == "scalar" or self.name in LOGIT_SCALE or self.shown <= 0:
+            if self.granularity == "scalar" or self.fraction or self.shown <= 0:
                 for phi in self.phi:
-                    phi.fill_(natural_to_unconstrained(self.name, new))
+                    phi.fill_(to_unconstrained(new, self.fraction))
             else:
                 shift = math.log(new) - math.log(self.shown)
                 for phi in self.phi:
@@ -197,6 +181,6 @@ class LearnedValue:
         """``dL/dφ = dL/dλ · dλ/dφ``."""
         values = self.natural_values(group_value)
         return [
-            g * _natural_derivative(self.name, v.to(g.dtype)).to(g.device)
+            g * _natural_derivative(v.to(g.dtype), self.fraction).to(g.device)
             for g, v in zip(natural_grads, values, strict=True)
         ]

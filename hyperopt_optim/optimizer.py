@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._learned import DEFAULT_BOUNDS, GRANULARITIES, LOGIT_SCALE, Granularity, LearnedValue
+from ._learned import GRANULARITIES, Granularity, LearnedValue
 from .hypergradients._base import (
     ElementwiseHypergradients,
     GroupSnapshot,
@@ -40,7 +40,7 @@ from .hypergradients._base import (
 from .hypergradients.descent import HypergradientDescent
 from .hypergradients.hvp import AutogradHVP, FiniteDifferenceHVP, clone_parameter_saves
 from .hypergradients.onepass import OnePass
-from .rules._base import Hyper, RuleState, UpdateRule
+from .rules._base import Hyper, Parametrisation, RuleState, UpdateRule
 
 __all__ = ["HVP_PROVIDERS", "METHODS", "HyperOptimizer"]
 
@@ -114,7 +114,7 @@ class HyperOptimizer(Optimizer):
                 "hyper_optimizer must be a callable taking a list of tensors and returning a "
                 f"torch.optim.Optimizer, got {hyper_optimizer!r}"
             )
-        self.bounds = _check_bounds(bounds, self.rule.learnable)
+        self.bounds = _check_bounds(bounds, self.rule.parametrisation)
         self._hyper_method: HypergradientMethod = (
             HypergradientDescent(self.update_interval)
             if method == "hd"
@@ -161,9 +161,10 @@ class HyperOptimizer(Optimizer):
         learned = {}
         for name in self.learn:
             value = self._group_value(group, name)
-            _check_learnable_value(name, value, self.bounds[name], index)
+            fraction = self.rule.parametrisation[name].fraction
+            _check_learnable_value(name, value, self.bounds[name], fraction, index)
             learned[name] = LearnedValue.create(
-                name, value, group["params"], self.granularity, self.bounds[name]
+                name, value, group["params"], self.granularity, self.bounds[name], fraction
             )
         self._learned.append(learned)
         if self.hyper_optimizer is not None:
@@ -699,24 +700,28 @@ def _check_positive_int(argument: str, value: object, default: int) -> int:
 
 
 def _check_bounds(
-    bounds: Mapping[str, tuple[float, float]] | None, learnable: tuple[str, ...]
+    bounds: Mapping[str, tuple[float, float]] | None,
+    parametrisation: Mapping[str, Parametrisation],
 ) -> dict[str, tuple[float, float]]:
-    out = {name: DEFAULT_BOUNDS[name] for name in learnable}
+    out = {name: (p.low, p.high) for name, p in parametrisation.items()}
     if bounds is None:
         return out
     if not isinstance(bounds, Mapping):
         raise TypeError(f"bounds must be a mapping from name to (low, high), got {bounds!r}")
     for name, pair in bounds.items():
-        if name not in learnable:
-            raise ValueError(f"bounds: {name!r} is not learnable here; choose from {learnable}")
+        if name not in parametrisation:
+            raise ValueError(
+                f"bounds: {name!r} is not learnable here; choose from {tuple(parametrisation)}"
+            )
         try:
             low, high = (float(x) for x in pair)
         except (TypeError, ValueError):
             raise TypeError(f"bounds[{name!r}] must be a pair of numbers, got {pair!r}") from None
-        top = 1.0 if name in LOGIT_SCALE else math.inf
+        fraction = parametrisation[name].fraction
+        top = 1.0 if fraction else math.inf
         if not (0 < low < high < top):
             raise ValueError(
-                f"bounds[{name!r}] must satisfy 0 < low < high{' < 1' if top == 1 else ''}, "
+                f"bounds[{name!r}] must satisfy 0 < low < high{' < 1' if fraction else ''}, "
                 f"got {pair!r}"
             )
         out[name] = (low, high)
@@ -724,11 +729,11 @@ def _check_bounds(
 
 
 def _check_learnable_value(
-    name: str, value: float, bounds: tuple[float, float], group: int
+    name: str, value: float, bounds: tuple[float, float], fraction: bool, group: int
 ) -> None:
     low, high = bounds
     if not (low <= value <= high):
-        kind = "a fraction in (0, 1)" if name in LOGIT_SCALE else "positive"
+        kind = "a fraction in (0, 1)" if fraction else "positive"
         raise ValueError(
             f"param group {group}: {name}={value!r} cannot be learned: a learned {name} must be "
             f"{kind} and within its bounds [{low:g}, {high:g}] (set bounds={{{name!r}: (low, "

@@ -25,6 +25,7 @@ with one tensor per parameter, either 0-dim (one value per tensor) or of the par
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
@@ -33,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "Hyper",
+    "Parametrisation",
     "RuleState",
     "StateCotangent",
     "UpdateRule",
@@ -56,6 +58,21 @@ RuleState: TypeAlias = dict[str, list[Tensor | None]]
 parameter's first step, as a copy of the gradient)."""
 
 
+@dataclass(frozen=True)
+class Parametrisation:
+    """How a learnable hyperparameter is kept unconstrained, and its default bounds.
+
+    Attributes:
+        fraction: kept as ``logit λ`` (a value in (0, 1): momentum, betas) rather than
+            ``log λ`` (a positive scale: learning rate, weight decay, eps).
+        low, high: the closed range, in natural units, learned values are clipped to.
+    """
+
+    fraction: bool
+    low: float
+    high: float
+
+
 @dataclass
 class StateCotangent:
     """The result of :meth:`UpdateRule.state_vjp` for one cotangent ``a = (a_w, a_s)``.
@@ -75,14 +92,16 @@ class StateCotangent:
 class UpdateRule(Protocol):
     """What a hypergradient method needs from an optimizer's update map.
 
-    ``hp`` maps each hyperparameter name (torch's param-group keys, with Adam's ``betas``
-    split into ``beta1`` and ``beta2``) to a :data:`Hyper`; ``flags`` holds the structural,
-    non-learnable options (``nesterov``, ``maximize``, ``amsgrad``...).  ``state`` is the state
+    ``parametrisation`` says, for each learnable name, whether it is a fraction or a scale and
+    where it is clipped.  ``hp`` maps each hyperparameter name (torch's param-group keys,
+    with Adam's ``betas`` split into ``beta1`` and ``beta2``) to a :data:`Hyper`; ``flags``
+    holds the structural, non-learnable options (``nesterov``, ``maximize``, ``amsgrad``...).  ``state`` is the state
     *before* the step.  ``step`` and ``reference`` must compute the same map.
     """
 
     learnable: tuple[str, ...]
     state_names: tuple[str, ...]
+    parametrisation: Mapping[str, Parametrisation]
 
     def init_state(self, params: list[Tensor], flags: dict[str, object]) -> RuleState:
         """Fresh state for parameters that have not been stepped yet."""

@@ -27,13 +27,16 @@ bias-correction terms are the part of β's gradient that ``higher`` drops.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
 
 from ._base import (
     Hyper,
+    Parametrisation,
     RuleState,
     StateCotangent,
     add_scaled,
@@ -107,7 +110,16 @@ class AdamRule:
     update, not differentiated.
     """
 
-    learnable: tuple[str, ...] = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    parametrisation: Mapping[str, Parametrisation] = MappingProxyType(
+        {
+            "lr": Parametrisation(fraction=False, low=1e-8, high=10.0),
+            "beta1": Parametrisation(fraction=True, low=1e-6, high=1 - 1e-6),
+            "beta2": Parametrisation(fraction=True, low=1e-6, high=1 - 1e-6),
+            "eps": Parametrisation(fraction=False, low=1e-16, high=1.0),
+            "weight_decay": Parametrisation(fraction=False, low=1e-10, high=10.0),
+        }
+    )
+    learnable: tuple[str, ...] = tuple(parametrisation)
     state_names: tuple[str, ...] = (_M, _V, _VMAX)
 
     def init_state(self, params: list[Tensor], flags: dict[str, object]) -> RuleState:

@@ -21,13 +21,16 @@ then :math:`a·∂U/∂w = a_w + \xi c_{\hat g}`, :math:`a·∂U/∂b = \mu c_{b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
 
 from ._base import (
     Hyper,
+    Parametrisation,
     RuleState,
     StateCotangent,
     add_scaled,
@@ -95,7 +98,14 @@ class SGDRule:
     buffer torch has not created yet.
     """
 
-    learnable: tuple[str, ...] = ("lr", "momentum", "weight_decay")
+    parametrisation: Mapping[str, Parametrisation] = MappingProxyType(
+        {
+            "lr": Parametrisation(fraction=False, low=1e-8, high=10.0),
+            "momentum": Parametrisation(fraction=True, low=1e-6, high=1 - 1e-6),
+            "weight_decay": Parametrisation(fraction=False, low=1e-10, high=10.0),
+        }
+    )
+    learnable: tuple[str, ...] = tuple(parametrisation)
     state_names: tuple[str, ...] = (_BUFFER,)
 
     def init_state(self, params: list[Tensor], flags: dict[str, object]) -> RuleState:
