@@ -95,8 +95,8 @@ class UpdateRule(Protocol):
     ``parametrisation`` says, for each learnable name, whether it is a fraction or a scale and
     where it is clipped.  ``hp`` maps each hyperparameter name (torch's param-group keys,
     with Adam's ``betas`` split into ``beta1`` and ``beta2``) to a :data:`Hyper`; ``flags``
-    holds the structural, non-learnable options (``nesterov``, ``maximize``, ``amsgrad``...).  ``state`` is the state
-    *before* the step.  ``step`` and ``reference`` must compute the same map.
+    holds the structural, non-learnable options (``nesterov``, ``maximize``, ``amsgrad``...).
+    ``state`` is the state *before* the step.  ``step`` and ``reference`` must compute the same map.
     """
 
     learnable: tuple[str, ...]
