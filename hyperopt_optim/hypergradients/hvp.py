@@ -109,14 +109,14 @@ class FiniteDifferenceHVP:
         roundoff = max(torch.finfo(p.dtype).eps for p in params) / 2 if params else 1.0
         self._delta = roundoff ** (1 / 3) if central else roundoff**0.5
         self._point_norm = _norm(point)
+        with torch.no_grad():  # the weights to put back after each product
+            self._current = [p.detach().clone() for p in params]
 
     def __call__(self, directions: list[Tensor]) -> list[Tensor]:
         d_norm = _norm(directions)
         if d_norm == 0 or not torch.isfinite(torch.tensor(d_norm)):
             return [torch.zeros_like(d) for d in directions]
         eps = self._delta * max(1.0, self._point_norm) / d_norm
-        with torch.no_grad():
-            current = [p.clone() for p in self._params]
         try:
             plus = self._at(directions, eps)
             if self._central:
@@ -128,7 +128,7 @@ class FiniteDifferenceHVP:
                 torch._foreach_div_(plus, eps)
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self._params, current)
+                torch._foreach_copy_(self._params, self._current)
         return plus
 
     def _at(self, directions: list[Tensor], eps: float) -> list[Tensor]:

@@ -34,8 +34,10 @@ from ._base import (
     RuleState,
     StateCotangent,
     add_scaled,
+    add_scaled_,
     as_list,
     is_zero,
+    present,
     sub_scaled_,
 )
 
@@ -88,6 +90,20 @@ def _backward_one(
         cot_g_hat = torch.zeros_like(w)
     cot_g_hat = cot_g_hat + (cot_new_b if b is None else (1 - dampening) * cot_new_b)
     return _Backward(direction, new_b, cot_new_b, cot_g_hat)
+
+
+def _negate(h: Hyper) -> Hyper:
+    return -h if isinstance(h, float | int) else [-x for x in h]
+
+
+def _product(a: Hyper, b: Hyper) -> Hyper:
+    if isinstance(a, float | int):
+        return a * b if isinstance(b, float | int) else [a * y for y in b]
+    return (
+        [x * b for x in a]
+        if isinstance(b, float | int)
+        else [x * y for x, y in zip(a, b, strict=True)]
+    )
 
 
 class SGDRule:
@@ -220,6 +236,10 @@ class SGDRule:
         cotangent_params: list[Tensor],
         cotangent_state: RuleState,
     ) -> StateCotangent:
+        bufs = state.get(_BUFFER, [None] * len(params))
+        if all(b is not None for b in bufs):
+            return self._state_vjp_foreach(hp, flags, cotangent_params, cotangent_state)
+        # a parameter's first step (no buffer yet): one tensor at a time
         parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
         sign = -1.0 if flags["maximize"] else 1.0
         wds = as_list(hp["weight_decay"], params)
@@ -238,6 +258,39 @@ class SGDRule:
                 cot_bufs.append(torch.zeros_like(a_w) if b is None else mu * p.cot_new_buffer)
             out_state[_BUFFER] = cot_bufs
         return StateCotangent(cot_params, out_state, [sign * p.cot_grad_hat for p in parts])
+
+    def _state_vjp_foreach(
+        self,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+    ) -> StateCotangent:
+        """The products of the module docstring with foreach kernels, every buffer present.
+
+        They are linear in the cotangent and need none of the step's forward quantities.
+        """
+        lr, mu, wd = hp["lr"], hp["momentum"], hp["weight_decay"]
+        a_w = cotangent_params
+        neg_lr = _negate(lr)
+        out_state: RuleState = {}
+        if not _uses_buffer(hp):
+            cot_g_hat = list(torch._foreach_mul(a_w, neg_lr))
+        else:
+            dampening = float(flags["dampening"])  # type: ignore[arg-type]
+            a_b = cotangent_state.get(_BUFFER)
+            coefficient = _product(neg_lr, mu) if flags["nesterov"] else neg_lr
+            if a_b is None:  # v_0 has no state block
+                cot_new_b = list(torch._foreach_mul(a_w, coefficient))
+            else:
+                cot_new_b = add_scaled(present(a_b), a_w, coefficient)
+            cot_g_hat = list(torch._foreach_mul(cot_new_b, 1 - dampening))
+            if flags["nesterov"]:
+                add_scaled_(cot_g_hat, a_w, neg_lr)
+            out_state[_BUFFER] = list(torch._foreach_mul(cot_new_b, mu))
+        cot_params = [x.clone() for x in a_w] if is_zero(wd) else add_scaled(a_w, cot_g_hat, wd)
+        grads = list(torch._foreach_neg(cot_g_hat)) if flags["maximize"] else cot_g_hat
+        return StateCotangent(cot_params, out_state, grads)
 
     def hyper_vjp(
         self,
