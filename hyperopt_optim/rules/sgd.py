@@ -106,6 +106,70 @@ def _product(a: Hyper, b: Hyper) -> Hyper:
     )
 
 
+def _cotangents_foreach(
+    hp: dict[str, Hyper],
+    flags: dict[str, object],
+    a_w: list[Tensor],
+    cotangent_state: RuleState,
+) -> tuple[list[Tensor] | None, list[Tensor]]:
+    """``(c_{b'}, c_{ĝ})`` for every parameter; ``c_{b'}`` is ``None`` without momentum."""
+    neg_lr = _negate(hp["lr"])
+    if not _uses_buffer(hp):
+        return None, list(torch._foreach_mul(a_w, neg_lr))
+    dampening = float(flags["dampening"])  # type: ignore[arg-type]
+    a_b = cotangent_state.get(_BUFFER)
+    coefficient = _product(neg_lr, hp["momentum"]) if flags["nesterov"] else neg_lr
+    if a_b is None:  # v_0 has no state block
+        cot_new_b = list(torch._foreach_mul(a_w, coefficient))
+    else:
+        cot_new_b = add_scaled(present(a_b), a_w, coefficient)
+    cot_g_hat = list(torch._foreach_mul(cot_new_b, 1 - dampening))
+    if flags["nesterov"]:
+        add_scaled_(cot_g_hat, a_w, neg_lr)
+    return cot_new_b, cot_g_hat
+
+
+def _hyper_vjp_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    hp: dict[str, Hyper],
+    flags: dict[str, object],
+    a_w: list[Tensor],
+    cotangent_state: RuleState,
+    names: tuple[str, ...],
+) -> dict[str, list[Tensor]]:
+    """``a·∂U/∂λ`` element-wise with foreach kernels, every buffer present."""
+    mu, wd = hp["momentum"], hp["weight_decay"]
+    cot_new_b, cot_g_hat = _cotangents_foreach(hp, flags, a_w, cotangent_state)
+    out: dict[str, list[Tensor]] = {}
+    new_b: list[Tensor] | None = None
+    if "lr" in names or ("momentum" in names and flags["nesterov"]):
+        g = list(torch._foreach_neg(grads)) if flags["maximize"] else grads
+        g_hat = list(g) if is_zero(wd) else add_scaled(g, params, wd)
+        direction = g_hat
+        if _uses_buffer(hp):
+            new_b = list(torch._foreach_mul(bufs, mu))
+            add_scaled_(new_b, g_hat, 1 - float(flags["dampening"]))  # type: ignore[arg-type]
+            direction = add_scaled(g_hat, new_b, mu) if flags["nesterov"] else new_b
+        out["lr"] = list(torch._foreach_mul(a_w, direction))
+        torch._foreach_neg_(out["lr"])
+    if "weight_decay" in names:
+        out["weight_decay"] = list(torch._foreach_mul(cot_g_hat, params))
+    if "momentum" in names:
+        if cot_new_b is None:
+            raise ValueError("momentum is learned but SGD has no momentum buffer")
+        out["momentum"] = list(torch._foreach_mul(cot_new_b, bufs))
+        if flags["nesterov"]:
+            assert new_b is not None
+            term = list(torch._foreach_mul(a_w, new_b))
+            add_scaled_(out["momentum"], term, _negate(hp["lr"]))
+    for name in names:
+        if name not in SGDRule.learnable:
+            raise ValueError(f"SGD has no learnable hyperparameter {name!r}")
+    return {name: out[name] for name in names}
+
+
 class SGDRule:
     """The update map of ``torch.optim.SGD`` (see the module docstring for the maths).
 
@@ -237,7 +301,7 @@ class SGDRule:
         cotangent_state: RuleState,
     ) -> StateCotangent:
         bufs = state.get(_BUFFER, [None] * len(params))
-        if all(b is not None for b in bufs):
+        if not _uses_buffer(hp) or all(b is not None for b in bufs):
             return self._state_vjp_foreach(hp, flags, cotangent_params, cotangent_state)
         # a parameter's first step (no buffer yet): one tensor at a time
         parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
@@ -270,23 +334,11 @@ class SGDRule:
 
         They are linear in the cotangent and need none of the step's forward quantities.
         """
-        lr, mu, wd = hp["lr"], hp["momentum"], hp["weight_decay"]
+        mu, wd = hp["momentum"], hp["weight_decay"]
         a_w = cotangent_params
-        neg_lr = _negate(lr)
+        cot_new_b, cot_g_hat = _cotangents_foreach(hp, flags, a_w, cotangent_state)
         out_state: RuleState = {}
-        if not _uses_buffer(hp):
-            cot_g_hat = list(torch._foreach_mul(a_w, neg_lr))
-        else:
-            dampening = float(flags["dampening"])  # type: ignore[arg-type]
-            a_b = cotangent_state.get(_BUFFER)
-            coefficient = _product(neg_lr, mu) if flags["nesterov"] else neg_lr
-            if a_b is None:  # v_0 has no state block
-                cot_new_b = list(torch._foreach_mul(a_w, coefficient))
-            else:
-                cot_new_b = add_scaled(present(a_b), a_w, coefficient)
-            cot_g_hat = list(torch._foreach_mul(cot_new_b, 1 - dampening))
-            if flags["nesterov"]:
-                add_scaled_(cot_g_hat, a_w, neg_lr)
+        if cot_new_b is not None:
             out_state[_BUFFER] = list(torch._foreach_mul(cot_new_b, mu))
         cot_params = [x.clone() for x in a_w] if is_zero(wd) else add_scaled(a_w, cot_g_hat, wd)
         grads = list(torch._foreach_neg(cot_g_hat)) if flags["maximize"] else cot_g_hat
@@ -303,8 +355,17 @@ class SGDRule:
         cotangent_state: RuleState,
         names: tuple[str, ...],
     ) -> dict[str, list[Tensor]]:
-        parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
         bufs = state.get(_BUFFER, [None] * len(params))
+        if not _uses_buffer(hp):
+            return _hyper_vjp_foreach(
+                params, grads, [], hp, flags, cotangent_params, cotangent_state, names
+            )
+        if all(b is not None for b in bufs):
+            return _hyper_vjp_foreach(
+                params, grads, present(bufs), hp, flags, cotangent_params, cotangent_state, names
+            )
+        # a parameter's first step (no buffer yet): one tensor at a time
+        parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
         out: dict[str, list[Tensor]] = {}
         for name in names:
             if name == "lr":
