@@ -288,7 +288,14 @@ class HyperOptimizer(Optimizer):
         if pending is not None:
             self._apply_hypergradients(pending)
         views = [self._gather(i) for i in range(len(self.param_groups))]
-        snapshot = [self._snapshot(i, *view) for i, view in enumerate(views)] if keep else None
+        # The closure calls of finite differences overwrite .grad, so the step's gradient is
+        # copied then; otherwise nothing writes to it before the hyper-step is done.
+        copy_grads = neumann > 0
+        snapshot = (
+            [self._snapshot(i, *view, copy_grads=copy_grads) for i, view in enumerate(views)]
+            if keep
+            else None
+        )
         with torch.no_grad():
             for i, (indices, params, grads, state) in enumerate(views):
                 self._update(i, indices, params, grads, state)
@@ -303,9 +310,10 @@ class HyperOptimizer(Optimizer):
             try:
                 result = self._hyper_method.after_update(ctx)
             finally:
-                for g in snapshot:  # the closure calls of finite differences overwrite .grad
-                    for p, grad in zip(g.live, g.grads, strict=True):
-                        p.grad = grad
+                if copy_grads:  # put back what the finite differences' closure calls overwrote
+                    for g in snapshot:
+                        for p, grad in zip(g.live, g.grads, strict=True):
+                            p.grad = grad
             del graph, ctx
             if result is not None:
                 self._apply_hypergradients(result)
@@ -377,6 +385,8 @@ class HyperOptimizer(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         state: RuleState,
+        *,
+        copy_grads: bool,
     ) -> GroupSnapshot:
         group = self.param_groups[index]
         with torch.no_grad():
@@ -385,7 +395,7 @@ class HyperOptimizer(Optimizer):
                 live=list(params),
                 indices=list(indices),
                 params=[p.detach().clone() for p in params],
-                grads=[g.detach().clone() for g in grads],
+                grads=[g.detach().clone() if copy_grads else g.detach() for g in grads],
                 state={
                     k: [None if x is None else x.clone() for x in xs] for k, xs in state.items()
                 },
