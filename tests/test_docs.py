@@ -27,4 +27,5 @@ def test_public_names_are_documented() -> None:
         if name.startswith("__"):
             continue
         obj = getattr(hyperopt_optim, name)
-        assert obj.__doc__ and len(obj.__doc__.strip()) > 40, name
+        assert obj.__doc__, name
+        assert len(obj.__doc__.strip()) > 40, name
