@@ -113,14 +113,14 @@ class OnePass(HypergradientMethod):
     uses_validation = True
 
     def __init__(self, neumann_steps: int, update_interval: int) -> None:
-        self.neumann_steps_ = neumann_steps
+        self._terms = neumann_steps
         self.update_interval = update_interval
 
     def wants_snapshot(self, step: int) -> bool:
         return (step + 1) % self.update_interval == 0
 
     def neumann_steps(self, step: int) -> int:
-        return self.neumann_steps_ if self.wants_snapshot(step) else 0
+        return self._terms if self.wants_snapshot(step) else 0
 
     def after_update(self, ctx: StepContext) -> ElementwiseHypergradients | None:
         if ctx.groups is None:
@@ -129,5 +129,5 @@ class OnePass(HypergradientMethod):
         outer = ctx.validation_gradient(live)
         if outer is None:
             return None
-        steps = self.neumann_steps_ if ctx.hvp is not None else 0
+        steps = self._terms if ctx.hvp is not None else 0
         return neumann_hypergradient(ctx.groups, outer, ctx.hvp, steps)
