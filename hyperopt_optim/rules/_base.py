@@ -44,7 +44,6 @@ __all__ = [
     "is_zero",
     "one_minus",
     "present",
-    "scaled",
     "sub_scaled_",
 ]
 
@@ -186,11 +185,6 @@ def one_minus(h: Hyper) -> Hyper:
     if isinstance(h, float | int):
         return 1.0 - h
     return [1 - x for x in h]
-
-
-def scaled(xs: list[Tensor], h: Hyper) -> list[Tensor]:
-    """``h · xs`` as new tensors."""
-    return list(torch._foreach_mul(xs, h))
 
 
 def add_scaled(ys: list[Tensor], xs: list[Tensor], h: Hyper) -> list[Tensor]:
