@@ -9,7 +9,8 @@ hypergradient descent during the one run.
 from .adam import HyperAdam, HyperAdamW
 from .optimizer import HyperOptimizer
 from .sgd import HyperSGD
+from .shared_adam import SharedAdam
 
-__all__ = ["HyperAdam", "HyperAdamW", "HyperOptimizer", "HyperSGD", "__version__"]
+__all__ = ["HyperAdam", "HyperAdamW", "HyperOptimizer", "HyperSGD", "SharedAdam", "__version__"]
 
 __version__ = "0.1.0"

@@ -41,6 +41,7 @@ from .hypergradients.descent import HypergradientDescent
 from .hypergradients.hvp import AutogradHVP, FiniteDifferenceHVP, clone_parameter_saves
 from .hypergradients.onepass import OnePass
 from .rules._base import Hyper, Parametrisation, RuleState, UpdateRule
+from .shared_adam import SharedAdam
 
 __all__ = ["HVP_PROVIDERS", "METHODS", "HyperOptimizer"]
 
@@ -49,6 +50,7 @@ HVP_PROVIDERS = ("auto", "autograd", "finite_difference", "forward_difference")
 DEFAULT_NEUMANN_STEPS = 4
 DEFAULT_UPDATE_INTERVAL = {"ift": 10, "greedy": 10, "hd": 1}
 DEFAULT_HYPER_LR = 0.05
+DEFAULT_DEVIATION_LR = 0.01  # SharedAdam's step of per-weight deviations (element granularity)
 
 Closure = Callable[[], Any]
 HyperOptimizerFactory = Callable[[list[Tensor]], Optimizer]
@@ -56,6 +58,10 @@ HyperOptimizerFactory = Callable[[list[Tensor]], Optimizer]
 
 def _default_hyper_optimizer(params: list[Tensor]) -> Optimizer:
     return torch.optim.Adam(params, lr=DEFAULT_HYPER_LR)
+
+
+def _default_element_hyper_optimizer(params: list[Tensor]) -> Optimizer:
+    return SharedAdam(params, lr=DEFAULT_HYPER_LR, deviation_lr=DEFAULT_DEVIATION_LR)
 
 
 def _grad(
@@ -91,7 +97,7 @@ class HyperOptimizer(Optimizer):
         defaults: dict[str, Any],
         *,
         learn: str | Iterable[str],
-        granularity: str,
+        granularity: str | Mapping[str, str],
         method: str,
         neumann_steps: int | None,
         update_interval: int | None,
@@ -100,9 +106,7 @@ class HyperOptimizer(Optimizer):
         bounds: Mapping[str, tuple[float, float]] | None,
     ) -> None:
         self.learn = _check_learn(learn, self.rule.learnable)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        self.granularity = cast(Granularity, granularity)
+        self.granularity = _check_granularity(granularity, self.learn)
         self.method = _check_choice("method", method, METHODS)
         self.hvp = _check_choice("hvp", hvp, HVP_PROVIDERS)
         self.neumann_steps = _check_neumann_steps(neumann_steps, method)
@@ -128,7 +132,10 @@ class HyperOptimizer(Optimizer):
         self._warned_no_closure = False
         self.hyper_optimizer: Optimizer | None = None
         super().__init__(params, defaults)
-        factory = hyper_optimizer or _default_hyper_optimizer
+        factory = hyper_optimizer
+        if factory is None:
+            per_weight = any(self.granularity_of(name) == "element" for name in self.learn)
+            factory = _default_element_hyper_optimizer if per_weight else _default_hyper_optimizer
         built = factory([phi for group in self._learned for lv in group.values() for phi in lv.phi])
         if not isinstance(built, Optimizer):
             raise TypeError(
@@ -164,7 +171,7 @@ class HyperOptimizer(Optimizer):
             fraction = self.rule.parametrisation[name].fraction
             _check_learnable_value(name, value, self.bounds[name], fraction, index)
             learned[name] = LearnedValue.create(
-                name, value, group["params"], self.granularity, self.bounds[name], fraction
+                name, value, group["params"], self.granularity_of(name), self.bounds[name], fraction
             )
         self._learned.append(learned)
         if self.hyper_optimizer is not None:
@@ -198,6 +205,12 @@ class HyperOptimizer(Optimizer):
             raise TypeError(f"val_closure must be callable, got {val_closure!r}")
         self._validation_closure = val_closure
 
+    def granularity_of(self, name: str) -> Granularity:
+        """The granularity of the learned hyperparameter ``name``."""
+        if isinstance(self.granularity, str):
+            return self.granularity
+        return self.granularity[name]
+
     def hyperparameters(self) -> list[dict[str, Tensor | list[Tensor]]]:
         """The learned values in natural units, one dict per param group.
 
@@ -210,7 +223,7 @@ class HyperOptimizer(Optimizer):
             entry: dict[str, Tensor | list[Tensor]] = {}
             for name, lv in learned.items():
                 values = lv.natural_values(self._group_value(group, name))
-                entry[name] = values[0] if self.granularity == "scalar" else values
+                entry[name] = values[0] if lv.granularity == "scalar" else values
             out.append(entry)
         return out
 
@@ -225,9 +238,8 @@ class HyperOptimizer(Optimizer):
         for grads in self._last_hypergradients:
             entry: dict[str, Tensor | list[Tensor]] = {}
             for name, g in grads.items():
-                entry[name] = (
-                    g[0].clone() if self.granularity == "scalar" else [x.clone() for x in g]
-                )
+                scalar = self.granularity_of(name) == "scalar"
+                entry[name] = g[0].clone() if scalar else [x.clone() for x in g]
             out.append(entry)
         return out
 
@@ -638,6 +650,34 @@ def _place(
     for i, v in zip(indices, values, strict=True):
         full[i] = v
     return full
+
+
+def _check_granularity(
+    granularity: object, learn: tuple[str, ...]
+) -> Granularity | dict[str, Granularity]:
+    """One granularity for every learned name, or a mapping ``{name: granularity}``.
+
+    Names the mapping leaves out are ``"scalar"``; names it gives must be learned.
+    """
+    if isinstance(granularity, str):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        return cast(Granularity, granularity)
+    if not isinstance(granularity, Mapping):
+        raise TypeError(
+            f"granularity must be a string or a mapping from learned names to strings, "
+            f"got {granularity!r}"
+        )
+    out: dict[str, Granularity] = {}
+    for name, value in granularity.items():
+        if name not in learn:
+            raise ValueError(
+                f"granularity names {name!r}, which is not learned; learn is {list(learn)}"
+            )
+        if value not in GRANULARITIES:
+            raise ValueError(f"granularity[{name!r}] must be one of {GRANULARITIES}, got {value!r}")
+        out[name] = cast(Granularity, value)
+    return {name: out.get(name, "scalar") for name in learn}
 
 
 def _check_real(argument: str, value: object, where: str = "") -> float:

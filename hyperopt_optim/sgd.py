@@ -45,7 +45,9 @@ class HyperSGD(HyperOptimizer):
             ``"weight_decay"`` (default: ``("lr",)``).  A learned value must start inside its
             bounds: positive for lr and weight decay, in (0, 1) for momentum.
         granularity: ``"scalar"`` (one value per param group), ``"tensor"`` (one per
-            parameter tensor) or ``"element"`` (one per weight) (default: ``"scalar"``).
+            parameter tensor) or ``"element"`` (one per weight) (default: ``"scalar"``); or
+            a mapping ``{name: granularity}`` for different granularities per learned name,
+            e.g. ``{"lr": "element"}`` (names left out are ``"scalar"``).
         method: ``"ift"``, ``"greedy"`` or ``"hd"`` (default: ``"ift"``).
         neumann_steps: ``K``, the terms of the Neumann series after the first (default: 4
             for ``"ift"``; must be 0 for the others).
@@ -111,7 +113,7 @@ class HyperSGD(HyperOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         learn: str | Iterable[str] = ("lr",),
-        granularity: str = "scalar",
+        granularity: str | Mapping[str, str] = "scalar",
         method: str = "ift",
         neumann_steps: int | None = None,
         update_interval: int | None = None,

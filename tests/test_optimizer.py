@@ -30,6 +30,7 @@ from torch.nn.functional import mse_loss
 from hyperopt_optim import HyperAdam, HyperAdamW, HyperOptimizer, HyperSGD
 
 HYPER_LR = 0.05  # the default hyper-optimizer: torch.optim.Adam(lr=0.05)
+DEVIATION_LR = 0.01  # with per-weight values: SharedAdam(lr=0.05, deviation_lr=0.01)
 LOGIT_NAMES = frozenset({"momentum", "beta1", "beta2"})
 
 # -- the problem: a small MLP on random data --------------------------------------------------
@@ -239,16 +240,61 @@ def test_hyperparameter_api_shapes_and_counters(
         assert not x.requires_grad, label
 
 
+@pytest.mark.parametrize("method", ["ift", "greedy"])
+def test_granularity_per_name(method: str) -> None:
+    """``granularity={"lr": "element"}``: one lr per weight, momentum and weight decay per
+    group; each name's values and hypergradients equal those of the run with that name's
+    granularity for every name (same data, same first hyper-step)."""
+    case = CASES[0]  # SGD learning lr, momentum and weight decay
+    runs = {}
+    for key, granularity in [
+        ("mixed", {"lr": "element"}),
+        ("element", "element"),
+        ("scalar", "scalar"),
+    ]:
+        model, data = make_model(), make_data(10)
+        opt = case.make(model.parameters(), method=method, granularity=granularity)
+        assert opt.granularity_of("lr") == ("scalar" if key == "scalar" else "element")
+        assert opt.granularity_of("momentum") == ("element" if key == "element" else "scalar")
+        train(opt, model, data, range(10))  # one hyper-step, at the end
+        runs[key] = (opt.hyperparameters()[0], opt.hypergradients()[0])
+    values, grads = runs["mixed"]
+    assert isinstance(values["lr"], list)
+    assert isinstance(values["momentum"], Tensor)
+    assert values["momentum"].dim() == 0
+    for name in case.learn:
+        ref_values, ref_grads = runs["element" if name == "lr" else "scalar"]
+        for (label, x), (_, y) in zip(
+            flat([{name: grads[name]}]), flat([{name: ref_grads[name]}]), strict=True
+        ):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-9), label
+        for (label, x), (_, y) in zip(
+            flat([{name: values[name]}]), flat([{name: ref_values[name]}]), strict=True
+        ):
+            assert torch.allclose(x.double(), y.double(), rtol=1e-6), label
+
+
 def assert_moved_against_hypergradient(
     before: list[dict[str, Any]], after: list[dict[str, Any]], grads: list[dict[str, Any]]
 ) -> None:
-    """The first step of the default hyper-optimizer, Adam(lr=0.05), on φ is
-    ``-0.05 · g / (|g| + 1e-8)`` with ``g = dL/dλ · dλ/dφ``: each learned value moves by the
-    hyper learning rate against its own hypergradient."""
+    """The first step of the default hyper-optimizer on φ, with ``g = dL/dλ · dλ/dφ``.
+
+    Scalar and per-tensor values (``torch.optim.Adam(lr=0.05)``): ``-0.05 · g / (|g| + 1e-8)``,
+    each value moves by the hyper learning rate against its own hypergradient. Per-weight
+    values (:class:`SharedAdam`, lr 0.05, deviation_lr 0.01): the tensor's shared shift
+    ``-0.05 · c / (|c| + 1e-8)`` with ``c = Σ g``, plus ``-0.01 · d / (|d| + 1e-8)`` with
+    ``d = g - mean(g)``.
+    """
     for (label, x0), (_, x1), (_, g) in zip(flat(before), flat(after), flat(grads), strict=True):
         name = label.split()[2].split("[")[0]
         g_phi = g.double() * natural_derivative(name, x0)
         expected = -HYPER_LR * g_phi / (g_phi.abs() + 1e-8)
+        if g_phi.numel() > 1:  # element granularity: SharedAdam
+            shared = g_phi.sum()
+            deviation = g_phi - g_phi.mean()
+            expected = -HYPER_LR * shared / (shared.abs() + 1e-8) - DEVIATION_LR * deviation / (
+                deviation.abs() + 1e-8
+            )
         moved = unconstrained(name, x1) - unconstrained(name, x0)
         # φ is recomputed here from values stored in the parameters' dtype: allow two
         # roundings of λ each side, carried to φ by dφ/dλ (large for a β near 1), and 1e-6
@@ -936,6 +982,30 @@ BAD_INPUT = [
     ("adamw_fused", HyperAdamW, {"fused": True}, ValueError, "fused", "True"),
     ("adamw_capturable", HyperAdamW, {"capturable": True}, ValueError, "capturable", "True"),
     ("sgd_foreach_not_bool", HyperSGD, {"foreach": "yes"}, TypeError, "foreach", "'yes'"),
+    (
+        "sgd_granularity_not_a_mapping",
+        HyperSGD,
+        {"granularity": 3},
+        TypeError,
+        "granularity",
+        "3",
+    ),
+    (
+        "sgd_granularity_names_unlearned",
+        HyperSGD,
+        {"momentum": 0.9, "granularity": {"momentum": "element"}},
+        ValueError,
+        "granularity",
+        "'momentum'",
+    ),
+    (
+        "sgd_granularity_mapping_bad_value",
+        HyperSGD,
+        {"granularity": {"lr": "weight"}},
+        ValueError,
+        "granularity",
+        "'weight'",
+    ),
 ]
 
 
