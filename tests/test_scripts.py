@@ -5,13 +5,17 @@ Timings are never asserted: only that each script finishes and writes what it pr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +52,113 @@ def test_overhead_benchmark_runs(tmp_path: Path) -> None:
     table = (out / "overhead_cpu_quick.md").read_text()
     assert "torch.optim.SGD" in table
     assert "ift" in table
+
+
+def test_tuning_benchmark_smoke(tmp_path: Path) -> None:
+    """``benchmarks/tuning.py --smoke``: every method on 2 seeds of digits, 40 steps; the
+    summary has the promised shape and the figures are written."""
+    for module in ("sklearn", "matplotlib", "tqdm", "optuna"):
+        pytest.importorskip(module)
+    out = tmp_path / "results"
+    done = _run([str(ROOT / "benchmarks" / "tuning.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "tuning_smoke.json").read_text())
+    assert list(summary) == ["digits"]
+    methods = summary["digits"]
+    assert list(methods) == [
+        "fixed",
+        "hd",
+        "greedy",
+        "ift_wd_lr",
+        "ift_wd_lr_m",
+        "ift_wd_elementlr_m",
+        "unrolled_5",
+        "random_search",
+        "tpe",
+        "ift_wd_elementlr_m_adam",
+    ]
+    for method, s in methods.items():
+        assert set(s) == {"mean", "median", "q25", "q75", "diverged", "seconds_ratio"}, method
+        assert s["diverged"] in (0, 1, 2), method
+        assert s["seconds_ratio"] > 0, method
+        if s["diverged"] == 0:
+            assert s["q25"] <= s["median"] <= s["q75"], method
+    assert methods["fixed"]["seconds_ratio"] == 1.0
+    runs = (out / "tuning_smoke_runs.jsonl").read_text().splitlines()
+    assert len(runs) == 2
+    meta = json.loads((out / "tuning_smoke_meta.json").read_text())
+    assert meta["machine"]["torch"]
+    for figure in ("tuning_smoke_boxplots.png", "tuning_smoke_trajectories.png"):
+        assert (out / figure).stat().st_size > 10_000, figure
+    # a rerun resumes: nothing left to train
+    again = _run([str(ROOT / "benchmarks" / "tuning.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "2 dataset-seeds already" in again.stderr
+    assert len((out / "tuning_smoke_runs.jsonl").read_text().splitlines()) == 2
+
+
+def _tuning_module() -> Any:
+    spec = importlib.util.spec_from_file_location("tuning", ROOT / "benchmarks" / "tuning.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tuning"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tuning_unrolled_steps_are_torch_sgd() -> None:
+    """With the hyper-optimizer frozen (lr 0), ``unrolled_5`` trains exactly as
+    torch.optim.SGD from the same values: its update map is torch's."""
+    pytest.importorskip("sklearn")
+    tuning = _tuning_module()
+    data = tuning.load("wine")
+    config = tuning.Config(steps=30, hyper_lr=0.0)
+    init = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
+    unrolled = tuning.train_unrolled(data, 0, init, config, True)
+    fixed = tuning.train_torch_or_hyper(data, 0, init, config, None, False)
+    assert unrolled.test_loss == pytest.approx(fixed.test_loss, rel=1e-5)
+    assert unrolled.val_loss == pytest.approx(fixed.val_loss, rel=1e-5)
+    assert unrolled.final == pytest.approx(init, rel=1e-6)
+    assert unrolled.trajectory["step"] == [10, 20, 30]
+
+
+def test_tuning_unrolled_hypergradient_is_exact() -> None:
+    """``unrolled_5``'s hypergradient: reverse mode through 5 steps of ``sgd_step`` (float64)
+    equals central differences of the validation loss after the same 5 steps, for each of
+    log lr, logit momentum and log weight decay."""
+    pytest.importorskip("sklearn")
+    tuning = _tuning_module()
+    data = tuning.load("wine")
+    fn = tuning.loss_fn(data)
+    model = tuning.make_model(data, 0).double()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    b0 = [0.1 * torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in w0]
+    x, y = data.x_train.double(), data.y_train
+    steps = [torch.randperm(len(x), generator=gen)[:32] for _ in range(5)]
+    names = [n for n, _ in model.named_parameters()]
+    init = {"lr": 0.05, "momentum": 0.7, "weight_decay": 1e-2}
+
+    def validation_loss(phi: dict[str, Tensor]) -> Tensor:
+        lam = tuning.natural(phi, torch.float64)
+        weights = [w.clone().requires_grad_() for w in w0]
+        buffers = list(b0)
+        for index in steps:
+            weights, buffers = tuning.sgd_step(
+                model, fn, weights, buffers, lam, (x[index], y[index]), True
+            )
+        out = torch.func.functional_call(
+            model, dict(zip(names, weights, strict=True)), (data.x_val.double(),)
+        )
+        return fn(out, data.y_val)
+
+    phi = tuning.to_phi(init)
+    exact = torch.autograd.grad(validation_loss(phi), list(phi.values()))
+    h = 1e-5
+    for name, g in zip(phi, exact, strict=True):
+        up = {k: v.detach() + (h if k == name else 0.0) for k, v in phi.items()}
+        down = {k: v.detach() - (h if k == name else 0.0) for k, v in phi.items()}
+        central = (validation_loss(up) - validation_loss(down)) / (2 * h)
+        assert float(g) != 0.0, name
+        assert float(g) == pytest.approx(float(central), rel=1e-6, abs=1e-10), name
