@@ -582,6 +582,7 @@ class HyperOptimizer(Optimizer):
             ],
             "method": self._hyper_method.state_dict(),
             "resolved_hvp": self._resolved_hvp,
+            "granularity": {name: self.granularity_of(name) for name in self.learn},
         }
         return state
 
@@ -594,23 +595,21 @@ class HyperOptimizer(Optimizer):
         """
         state_dict = dict(state_dict)
         hyper = state_dict.pop("hyper", None)
+        if hyper is not None:  # check before anything loads
+            if len(hyper["phi"]) != len(self._learned):
+                raise ValueError(
+                    f"the state dict has {len(hyper['phi'])} param groups of learned values, this "
+                    f"optimizer {len(self._learned)}"
+                )
+            _check_saved_shapes(self._learned, hyper["phi"])
         super().load_state_dict(state_dict)
         if hyper is None:
             self._take_external_writes()
             return
-        if len(hyper["phi"]) != len(self._learned):
-            raise ValueError(
-                f"the state dict has {len(hyper['phi'])} param groups of learned values, this "
-                f"optimizer {len(self._learned)}"
-            )
         with torch.no_grad():
             for learned, saved, shown in zip(
                 self._learned, hyper["phi"], hyper["shown"], strict=True
             ):
-                if set(saved) != set(learned):
-                    raise ValueError(
-                        f"the state dict learns {sorted(saved)}, this optimizer {sorted(learned)}"
-                    )
                 for name, lv in learned.items():
                     for phi, x in zip(lv.phi, saved[name], strict=True):
                         phi.copy_(x)
@@ -650,6 +649,27 @@ def _place(
     for i, v in zip(indices, values, strict=True):
         full[i] = v
     return full
+
+
+def _check_saved_shapes(
+    learned: list[dict[str, LearnedValue]], saved: list[dict[str, list[Tensor]]]
+) -> None:
+    """A state dict's learned values must have this optimizer's shapes (granularity)."""
+    for group, values in zip(learned, saved, strict=True):
+        if set(values) != set(group):
+            raise ValueError(
+                f"the state dict learns {sorted(values)}, this optimizer {sorted(group)}"
+            )
+        for name, lv in group.items():
+            if len(values[name]) != len(lv.phi) or any(
+                phi.shape != x.shape for phi, x in zip(lv.phi, values[name], strict=True)
+            ):
+                shapes = [tuple(x.shape) for x in values[name]]
+                raise ValueError(
+                    f"the state dict's learned {name!r} has shapes {shapes}, this optimizer's "
+                    f"{[tuple(p.shape) for p in lv.phi]} (granularity {lv.granularity!r}): was it "
+                    "saved with another granularity?"
+                )
 
 
 def _check_granularity(

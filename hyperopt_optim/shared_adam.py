@@ -1,4 +1,4 @@
-"""``SharedAdam``: the default hyper-optimizer for per-tensor and per-weight learned values.
+"""``SharedAdam``: the default hyper-optimizer for per-weight learned values.
 
 With ``granularity="element"`` every weight has its own learning rate (say), and plain Adam on
 the unconstrained values moves each of them by about its learning rate per hyper-step,
@@ -31,6 +31,9 @@ rate :math:`\\alpha_d` (``deviation_lr``), can only specialise the values slowly
 ``deviation_lr=0`` the values keep their initial spread and the update is Adam on the
 per-tensor value; for a 0-dim tensor (``"scalar"``, ``"tensor"``) :math:`d = 0` and the
 update is Adam's.
+
+The deviation step is normalised value by value, so its mean over the tensor is not exactly
+zero: besides the shared step, the values' mean can move by up to :math:`\alpha_d` per step.
 """
 
 from __future__ import annotations
@@ -83,6 +86,15 @@ class SharedAdam(Optimizer):
         defaults = {"lr": lr, "deviation_lr": deviation_lr, "betas": tuple(betas), "eps": eps}
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict replaces the groups by the saved ones: a state dict of
+        # another optimizer (Adam's, from a checkpoint made before SharedAdam was the default
+        # for per-weight values) lacks deviation_lr, which keeps its default then.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
@@ -100,7 +112,8 @@ class SharedAdam(Optimizer):
                     raise RuntimeError("SharedAdam does not support sparse gradients")
                 state = self.state[p]
                 spread = p.numel() > 1
-                if not state:
+                if "shared_avg" not in state:  # first step (or another optimizer's state)
+                    state.clear()
                     state["step"] = 0
                     state["shared_avg"] = torch.zeros((), dtype=p.dtype, device=p.device)
                     state["shared_avg_sq"] = torch.zeros((), dtype=p.dtype, device=p.device)

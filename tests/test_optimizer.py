@@ -474,6 +474,24 @@ def test_state_dict_keeps_pending_hypergradient_descent_partials(
     resume_matches(case, method="hd", granularity=granularity, update_interval=3)
 
 
+def test_state_dict_of_another_granularity_is_refused_before_anything_loads() -> None:
+    case = CASES[0]
+    model, data = make_model(), make_data(6)
+    saved = case.make(model.parameters(), granularity="tensor", update_interval=2)
+    train(saved, model, data, range(6))
+    target = case.make(make_model(1).parameters(), granularity={"lr": "element"})
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"'lr'.*another granularity"):
+        target.load_state_dict(saved.state_dict())
+    after = target.state_dict()
+    assert after["state"] == before["state"] == {}
+    assert after["param_groups"] == before["param_groups"]
+    assert_equal_values(
+        [dict(g) for g in after["hyper"]["phi"]],
+        [dict(g) for g in before["hyper"]["phi"]],
+    )
+
+
 def through_bytes(sd: dict[str, Any]) -> dict[str, Any]:
     buffer = io.BytesIO()
     torch.save(sd, buffer)

@@ -162,3 +162,44 @@ def test_tuning_unrolled_hypergradient_is_exact() -> None:
         central = (validation_loss(up) - validation_loss(down)) / (2 * h)
         assert float(g) != 0.0, name
         assert float(g) == pytest.approx(float(central), rel=1e-6, abs=1e-10), name
+
+
+def test_tuning_unrolled_differentiates_the_last_five_of_ten_steps() -> None:
+    """``train_unrolled``'s first hyper-step: with plain SGD (lr 1) as the hyper-optimizer, φ
+    moves by minus the derivative of the validation loss after step 10 through steps 6-10
+    (weights and buffer after step 5 held fixed), rebuilt here by hand from ``sgd_step``."""
+    pytest.importorskip("sklearn")
+    tuning = _tuning_module()
+    data = tuning.load("wine")
+    fn = tuning.loss_fn(data)
+    init = {"lr": 0.05, "momentum": 0.7, "weight_decay": 1e-2}
+    config = tuning.Config(steps=10)
+    run = tuning.train_unrolled(
+        data, 0, init, config, False, lambda ps: torch.optim.SGD(ps, lr=1.0)
+    )
+
+    model = tuning.make_model(data, 0)
+    names = [n for n, _ in model.named_parameters()]
+    order = tuning.batches(len(data.x_train), config.batch_size, 0)
+    phi = tuning.to_phi(init)
+    weights = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    buffers = None
+    lam = {k: v.detach() for k, v in tuning.natural(phi).items()}
+    for _ in range(5):  # steps 1-5, not differentiated
+        index = next(order)
+        batch = (data.x_train[index], data.y_train[index])
+        weights, buffers = tuning.sgd_step(model, fn, weights, buffers, lam, batch, False)
+        weights = [w.detach().requires_grad_() for w in weights]
+        buffers = [b.detach() for b in buffers]
+    lam = tuning.natural(phi)
+    for _ in range(5):  # steps 6-10
+        index = next(order)
+        batch = (data.x_train[index], data.y_train[index])
+        weights, buffers = tuning.sgd_step(model, fn, weights, buffers, lam, batch, True)
+    out = torch.func.functional_call(model, dict(zip(names, weights, strict=True)), (data.x_val,))
+    grads = torch.autograd.grad(fn(out, data.y_val), list(phi.values()))
+    stepped = {k: v.detach() - g for (k, v), g in zip(phi.items(), grads, strict=True)}
+    expected = tuning.natural(stepped)
+    for name in tuning.LEARNED:
+        assert run.final[name] == pytest.approx(float(expected[name]), rel=1e-5), name
+        assert run.final[name] != pytest.approx(init[name], rel=1e-6), name

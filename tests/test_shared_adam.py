@@ -113,6 +113,24 @@ def test_state_dict_resumes_exactly() -> None:
     assert torch.equal(a, b)
 
 
+def test_another_optimizers_state_restarts_the_moments() -> None:
+    """A state dict of torch.optim.Adam (a checkpoint from before SharedAdam was the default
+    for per-weight values) loads; the step then starts SharedAdam's moments afresh, with the
+    loaded group's lr (torch's rule: Adam's 1e-3 here) and the default deviation_lr."""
+    x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.Adam([x])
+    x.grad = torch.ones(4, dtype=torch.float64)
+    adam.step()
+    y = x.detach().clone().requires_grad_()
+    opt = SharedAdam([y])
+    opt.load_state_dict(adam.state_dict())
+    g = torch.tensor([1.0, -1.0, 2.0, 0.5], dtype=torch.float64)
+    y.grad = g.clone()
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 1e-3
+    torch.testing.assert_close(y.detach(), reference(x.detach(), [g], 1e-3, 0.01))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
