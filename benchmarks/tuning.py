@@ -36,7 +36,7 @@ minibatch order:
 
 Every learning method updates the unconstrained values (log lr, log weight decay, logit
 momentum) with the package's default hyper-optimizer (``torch.optim.Adam(lr=0.05)``; for
-per-weight values ``SharedAdam(lr=0.05, deviation_lr=0.01)``) on the full validation set,
+per-weight values ``SharedAdam(lr=0.05, deviation_lr=0.002)``) on the full validation set,
 every T = 10 steps (every step for ``hd``). The ift methods take their Hessian-vector
 products by forward differences (``hvp="forward_difference"``, one closure call each; see
 ``--hvp``).
@@ -122,6 +122,7 @@ class Config:
     neumann_steps: int = 4  # K
     unroll: int = 5  # unrolled_5 differentiates through this many of every T steps
     hyper_lr: float = DEFAULT_HYPER_LR  # the hyper-optimizer's step on the unconstrained values
+    deviation_lr: float = 0.002  # SharedAdam's, for per-weight values (HyperSGD's default)
     hvp: str = "forward_difference"  # c = 1 product per closure call: the cheapest floor
     trajectory_every: int = 10
     trajectory_seeds: int = 3
@@ -474,15 +475,13 @@ def hyper_options(method: str, config: Config) -> dict[str, Any]:
     lr = config.hyper_lr
     if method.endswith("_adam"):  # plain Adam on every per-weight value, as the paper did
         options["hyper_optimizer"] = lambda params: torch.optim.Adam(params, lr=lr)
-    elif lr != DEFAULT_HYPER_LR:  # else: HyperSGD's own default
-        granularity = options.get("granularity", "scalar")
-        values = granularity.values() if isinstance(granularity, dict) else [granularity]
-        element = "element" in values
-        options["hyper_optimizer"] = (
-            (lambda params: SharedAdam(params, lr=lr, deviation_lr=lr / 5))
-            if element
-            else (lambda params: torch.optim.Adam(params, lr=lr))
+    elif "granularity" in options:  # per-weight lr: SharedAdam, spelled out for the record
+        deviation_lr = config.deviation_lr
+        options["hyper_optimizer"] = lambda params: SharedAdam(
+            params, lr=lr, deviation_lr=deviation_lr
         )
+    elif lr != DEFAULT_HYPER_LR:  # else: HyperSGD's own default
+        options["hyper_optimizer"] = lambda params: torch.optim.Adam(params, lr=lr)
     if method != "hd":
         options["update_interval"] = config.update_interval
     if options["method"] == "ift":

@@ -50,7 +50,7 @@ HVP_PROVIDERS = ("auto", "autograd", "finite_difference", "forward_difference")
 DEFAULT_NEUMANN_STEPS = 4
 DEFAULT_UPDATE_INTERVAL = {"ift": 10, "greedy": 10, "hd": 1}
 DEFAULT_HYPER_LR = 0.05
-DEFAULT_DEVIATION_LR = 0.01  # SharedAdam's step of per-weight deviations (element granularity)
+DEFAULT_DEVIATION_LR = 0.002  # SharedAdam's step of per-weight deviations (element granularity)
 
 Closure = Callable[[], Any]
 HyperOptimizerFactory = Callable[[list[Tensor]], Optimizer]

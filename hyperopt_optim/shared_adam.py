@@ -58,7 +58,7 @@ class SharedAdam(Optimizer):
         params: the tensors of unconstrained learned values (or param groups).
         lr: :math:`\\alpha`, the step of the shared shift (default: 0.05).
         deviation_lr: :math:`\\alpha_d`, the step of the per-value deviations (default:
-            0.01); 0 freezes the spread of the values.
+            0.002); 0 freezes the spread of the values.
         betas: Adam's moment decay rates (default: (0.9, 0.999)).
         eps: Adam's :math:`\\epsilon` (default: 1e-8).
     """
@@ -67,7 +67,7 @@ class SharedAdam(Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 0.05,
-        deviation_lr: float = 0.01,
+        deviation_lr: float = 0.002,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:

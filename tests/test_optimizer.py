@@ -30,7 +30,7 @@ from torch.nn.functional import mse_loss
 from hyperopt_optim import HyperAdam, HyperAdamW, HyperOptimizer, HyperSGD
 
 HYPER_LR = 0.05  # the default hyper-optimizer: torch.optim.Adam(lr=0.05)
-DEVIATION_LR = 0.01  # with per-weight values: SharedAdam(lr=0.05, deviation_lr=0.01)
+DEVIATION_LR = 0.002  # with per-weight values: SharedAdam(lr=0.05, deviation_lr=0.002)
 LOGIT_NAMES = frozenset({"momentum", "beta1", "beta2"})
 
 # -- the problem: a small MLP on random data --------------------------------------------------
@@ -281,8 +281,8 @@ def assert_moved_against_hypergradient(
 
     Scalar and per-tensor values (``torch.optim.Adam(lr=0.05)``): ``-0.05 · g / (|g| + 1e-8)``,
     each value moves by the hyper learning rate against its own hypergradient. Per-weight
-    values (:class:`SharedAdam`, lr 0.05, deviation_lr 0.01): the tensor's shared shift
-    ``-0.05 · c / (|c| + 1e-8)`` with ``c = Σ g``, plus ``-0.01 · d / (|d| + 1e-8)`` with
+    values (:class:`SharedAdam`, lr 0.05, deviation_lr 0.002): the tensor's shared shift
+    ``-0.05 · c / (|c| + 1e-8)`` with ``c = Σ g``, plus ``-0.002 · d / (|d| + 1e-8)`` with
     ``d = g - mean(g)``.
     """
     for (label, x0), (_, x1), (_, g) in zip(flat(before), flat(after), flat(grads), strict=True):

@@ -128,7 +128,7 @@ def test_another_optimizers_state_restarts_the_moments() -> None:
     y.grad = g.clone()
     opt.step()
     assert opt.param_groups[0]["lr"] == 1e-3
-    torch.testing.assert_close(y.detach(), reference(x.detach(), [g], 1e-3, 0.01))
+    torch.testing.assert_close(y.detach(), reference(x.detach(), [g], 1e-3, 0.002))
 
 
 @pytest.mark.parametrize(
