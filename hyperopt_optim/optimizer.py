@@ -50,7 +50,6 @@ HVP_PROVIDERS = ("auto", "autograd", "finite_difference", "forward_difference")
 DEFAULT_NEUMANN_STEPS = 4
 DEFAULT_UPDATE_INTERVAL = {"ift": 10, "greedy": 10, "hd": 1}
 DEFAULT_HYPER_LR = 0.05
-DEFAULT_DEVIATION_LR = 0.002  # SharedAdam's step of per-weight deviations (element granularity)
 
 Closure = Callable[[], Any]
 HyperOptimizerFactory = Callable[[list[Tensor]], Optimizer]
@@ -61,7 +60,7 @@ def _default_hyper_optimizer(params: list[Tensor]) -> Optimizer:
 
 
 def _default_element_hyper_optimizer(params: list[Tensor]) -> Optimizer:
-    return SharedAdam(params, lr=DEFAULT_HYPER_LR, deviation_lr=DEFAULT_DEVIATION_LR)
+    return SharedAdam(params, lr=DEFAULT_HYPER_LR)  # and its default deviation_lr
 
 
 def _grad(
@@ -582,7 +581,6 @@ class HyperOptimizer(Optimizer):
             ],
             "method": self._hyper_method.state_dict(),
             "resolved_hvp": self._resolved_hvp,
-            "granularity": {name: self.granularity_of(name) for name in self.learn},
         }
         return state
 

@@ -33,7 +33,7 @@ per-tensor value; for a 0-dim tensor (``"scalar"``, ``"tensor"``) :math:`d = 0` 
 update is Adam's.
 
 The deviation step is normalised value by value, so its mean over the tensor is not exactly
-zero: besides the shared step, the values' mean can move by up to :math:`\alpha_d` per step.
+zero: besides the shared step, the values' mean can move by up to :math:`\\alpha_d` per step.
 """
 
 from __future__ import annotations
