@@ -460,12 +460,9 @@ HYPER_OPTIONS: dict[str, dict[str, Any]] = {
     "ift_wd_lr": {"learn": ("lr", "weight_decay"), "method": "ift"},
     "ift_wd_lr_m": {"learn": LEARNED, "method": "ift"},
     "ift_wd_elementlr_m": {"learn": LEARNED, "method": "ift", "granularity": {"lr": "element"}},
-    "ift_wd_elementlr_m_adam": {
-        "learn": LEARNED,
-        "method": "ift",
-        "granularity": {"lr": "element"},
-    },
 }
+# the same run, with plain Adam as the hyper-optimizer (hyper_options tells them apart)
+HYPER_OPTIONS["ift_wd_elementlr_m_adam"] = HYPER_OPTIONS["ift_wd_elementlr_m"]
 
 
 def hyper_options(method: str, config: Config) -> dict[str, Any]:
