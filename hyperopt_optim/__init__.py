@@ -10,7 +10,16 @@ from .adam import HyperAdam, HyperAdamW
 from .optimizer import HyperOptimizer
 from .sgd import HyperSGD
 from .shared_adam import SharedAdam
+from .sign_step import SignStep
 
-__all__ = ["HyperAdam", "HyperAdamW", "HyperOptimizer", "HyperSGD", "SharedAdam", "__version__"]
+__all__ = [
+    "HyperAdam",
+    "HyperAdamW",
+    "HyperOptimizer",
+    "HyperSGD",
+    "SharedAdam",
+    "SignStep",
+    "__version__",
+]
 
 __version__ = "0.1.0"

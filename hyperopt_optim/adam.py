@@ -78,6 +78,10 @@ class HyperAdam(HyperOptimizer):
         hyper_optimizer: HyperOptimizerFactory | None = None,
         hvp: str = "auto",
         bounds: Mapping[str, tuple[float, float]] | None = None,
+        horizon: int | None = None,
+        windows: int | None = None,
+        mode: str | None = None,
+        clamps: Mapping[str, float] | None = None,
     ) -> None:
         for name, flag in (
             ("amsgrad", amsgrad),
@@ -122,6 +126,10 @@ class HyperAdam(HyperOptimizer):
             hyper_optimizer=hyper_optimizer,
             hvp=hvp,
             bounds=bounds,
+            horizon=horizon,
+            windows=windows,
+            mode=mode,
+            clamps=clamps,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:
@@ -194,6 +202,10 @@ class HyperAdamW(HyperAdam):
         hyper_optimizer: HyperOptimizerFactory | None = None,
         hvp: str = "auto",
         bounds: Mapping[str, tuple[float, float]] | None = None,
+        horizon: int | None = None,
+        windows: int | None = None,
+        mode: str | None = None,
+        clamps: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
@@ -201,5 +213,5 @@ class HyperAdamW(HyperAdam):
             differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             learn=learn, granularity=granularity, method=method, neumann_steps=neumann_steps,
             update_interval=update_interval, hyper_optimizer=hyper_optimizer, hvp=hvp,
-            bounds=bounds,
+            bounds=bounds, horizon=horizon, windows=windows, mode=mode, clamps=clamps,
         )  # fmt: skip

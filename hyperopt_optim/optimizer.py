@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._learned import GRANULARITIES, Granularity, LearnedValue
+from ._learned import GRANULARITIES, Granularity, LearnedValue, to_unconstrained
 from .hypergradients._base import (
     ElementwiseHypergradients,
     GroupSnapshot,
@@ -38,18 +38,36 @@ from .hypergradients._base import (
     StepContext,
 )
 from .hypergradients.descent import HypergradientDescent
-from .hypergradients.hvp import AutogradHVP, FiniteDifferenceHVP, clone_parameter_saves
+from .hypergradients.forward import (
+    MODES,
+    PARAM,
+    Column,
+    ForwardMode,
+    batched_products,
+    propagate,
+    step_jacobian,
+)
+from .hypergradients.hvp import (
+    AutogradHVP,
+    FiniteDifferenceHVP,
+    FunctionalHVP,
+    clone_parameter_saves,
+)
 from .hypergradients.onepass import OnePass
 from .rules._base import Hyper, Parametrisation, RuleState, UpdateRule
 from .shared_adam import SharedAdam
+from .sign_step import SignStep
 
 __all__ = ["HVP_PROVIDERS", "METHODS", "HyperOptimizer"]
 
-METHODS = ("ift", "greedy", "hd")
+METHODS = ("ift", "greedy", "hd", "forward")
 HVP_PROVIDERS = ("auto", "autograd", "finite_difference", "forward_difference")
 DEFAULT_NEUMANN_STEPS = 4
-DEFAULT_UPDATE_INTERVAL = {"ift": 10, "greedy": 10, "hd": 1}
+DEFAULT_UPDATE_INTERVAL = {"ift": 10, "greedy": 10, "hd": 1, "forward": 10}
 DEFAULT_HYPER_LR = 0.05
+DEFAULT_WINDOWS = 10
+DEFAULT_SIGN_STEP = 0.3
+CLAMP_NAMES = ("grad", "tangent")
 
 Closure = Callable[[], Any]
 HyperOptimizerFactory = Callable[[list[Tensor]], Optimizer]
@@ -61,6 +79,10 @@ def _default_hyper_optimizer(params: list[Tensor]) -> Optimizer:
 
 def _default_element_hyper_optimizer(params: list[Tensor]) -> Optimizer:
     return SharedAdam(params, lr=DEFAULT_HYPER_LR)  # and its default deviation_lr
+
+
+def _default_episodic_hyper_optimizer(params: list[Tensor]) -> Optimizer:
+    return SignStep(params, lr=DEFAULT_SIGN_STEP)  # the paper's outer update
 
 
 def _grad(
@@ -103,12 +125,21 @@ class HyperOptimizer(Optimizer):
         hyper_optimizer: HyperOptimizerFactory | None,
         hvp: str,
         bounds: Mapping[str, tuple[float, float]] | None,
+        horizon: int | None = None,
+        windows: int | None = None,
+        mode: str | None = None,
+        clamps: Mapping[str, float] | None = None,
     ) -> None:
         self.learn = _check_learn(learn, self.rule.learnable)
         self.granularity = _check_granularity(granularity, self.learn)
         self.method = _check_choice("method", method, METHODS)
         self.hvp = _check_choice("hvp", hvp, HVP_PROVIDERS)
         self.neumann_steps = _check_neumann_steps(neumann_steps, method)
+        self._forward: ForwardMode | None = _check_forward(
+            method, self.granularity, horizon, windows, mode, update_interval, clamps
+        )
+        if self._forward is not None and self._forward.mode == "episodic":
+            update_interval = self._forward.horizon
         self.update_interval = _check_positive_int(
             "update_interval", update_interval, DEFAULT_UPDATE_INTERVAL[method]
         )
@@ -118,12 +149,17 @@ class HyperOptimizer(Optimizer):
                 f"torch.optim.Optimizer, got {hyper_optimizer!r}"
             )
         self.bounds = _check_bounds(bounds, self.rule.parametrisation)
-        self._hyper_method: HypergradientMethod = (
-            HypergradientDescent(self.update_interval)
-            if method == "hd"
-            else OnePass(self.neumann_steps, self.update_interval)
-        )
+        self._hyper_method: HypergradientMethod
+        if self._forward is not None:
+            self._forward.update_interval = self.update_interval
+            self._hyper_method = self._forward
+        elif method == "hd":
+            self._hyper_method = HypergradientDescent(self.update_interval)
+        else:
+            self._hyper_method = OnePass(self.neumann_steps, self.update_interval)
         self._learned: list[dict[str, LearnedValue]] = []
+        #: forward mode: per group, name -> one (N,) tensor of φ per learned value
+        self._schedules: list[dict[str, list[Tensor]]] = []
         self._backward_count = [0]
         self._hook_handles: list[Any] = []
         self._validation_closure: Closure | None = None
@@ -135,7 +171,9 @@ class HyperOptimizer(Optimizer):
         if factory is None:
             per_weight = any(self.granularity_of(name) == "element" for name in self.learn)
             factory = _default_element_hyper_optimizer if per_weight else _default_hyper_optimizer
-        built = factory([phi for group in self._learned for lv in group.values() for phi in lv.phi])
+            if self._forward is not None and self._forward.mode == "episodic":
+                factory = _default_episodic_hyper_optimizer
+        built = factory([x for i in range(len(self._learned)) for x in self._stepped_values(i)])
         if not isinstance(built, Optimizer):
             raise TypeError(
                 f"hyper_optimizer must return a torch.optim.Optimizer, got {type(built).__name__}"
@@ -143,9 +181,26 @@ class HyperOptimizer(Optimizer):
         self.hyper_optimizer = built
         self._counters = {"step": 0, "hyper_steps": 0, "skipped_hyper_steps": 0}
         self._last_hypergradients: list[dict[str, list[Tensor]]] = [
-            {name: [torch.zeros_like(phi) for phi in lv.phi] for name, lv in group.items()}
-            for group in self._learned
+            self._zero_hypergradients(i) for i in range(len(self._learned))
         ]
+
+    def _stepped_values(self, index: int) -> list[Tensor]:
+        """The tensors the hyper-optimizer steps for param group ``index``: the learned ``φ``,
+        or in episodic forward mode the schedules of ``φ``."""
+        if self._forward is not None and self._forward.mode == "episodic":
+            return [x for xs in self._schedules[index].values() for x in xs]
+        return [phi for lv in self._learned[index].values() for phi in lv.phi]
+
+    def _zero_hypergradients(self, index: int) -> dict[str, list[Tensor]]:
+        if self._forward is not None:
+            return {
+                name: [torch.zeros(xs.shape, dtype=torch.float64) for xs in sched]
+                for name, sched in self._schedules[index].items()
+            }
+        return {
+            name: [torch.zeros_like(phi) for phi in lv.phi]
+            for name, lv in self._learned[index].items()
+        }
 
     # -- param groups ----------------------------------------------------------------------
 
@@ -172,14 +227,24 @@ class HyperOptimizer(Optimizer):
             learned[name] = LearnedValue.create(
                 name, value, group["params"], self.granularity_of(name), self.bounds[name], fraction
             )
+        if self._forward is not None:
+            if self._forward.position != 0:
+                raise RuntimeError(
+                    "method='forward' can take a new param group only before the first step of "
+                    "an episode (its tangents have one column per learned value)"
+                )
+            self._schedules.append(
+                {
+                    name: [phi.detach().repeat(self._forward.windows) for phi in lv.phi]
+                    for name, lv in learned.items()
+                }
+            )
         self._learned.append(learned)
+        if self._forward is not None:
+            self._forward.set_columns(self._columns())
         if self.hyper_optimizer is not None:
-            self.hyper_optimizer.add_param_group(
-                {"params": [phi for lv in learned.values() for phi in lv.phi]}
-            )
-            self._last_hypergradients.append(
-                {name: [torch.zeros_like(phi) for phi in lv.phi] for name, lv in learned.items()}
-            )
+            self.hyper_optimizer.add_param_group({"params": self._stepped_values(index)})
+            self._last_hypergradients.append(self._zero_hypergradients(index))
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:
         """Check a group's own values (torch's checks); subclasses extend."""
@@ -230,8 +295,10 @@ class HyperOptimizer(Optimizer):
         """``dL/dλ`` in natural units from the last hyper-step, shaped like
         :meth:`hyperparameters` (zeros before the first hyper-step).
 
-        ``L`` is the validation loss (``"ift"``, ``"greedy"``) or the training loss at the
-        next step (``"hd"``).
+        ``L`` is the validation loss (``"ift"``, ``"greedy"``, ``"forward"``) or the training
+        loss at the next step (``"hd"``).  For ``"forward"`` each value is a tensor of shape
+        ``(windows,)``: the derivative with respect to each window's value, through every step
+        of the episode (online: of the run) so far, at the last hyper-step.
         """
         out: list[dict[str, Tensor | list[Tensor]]] = []
         for grads in self._last_hypergradients:
@@ -242,6 +309,25 @@ class HyperOptimizer(Optimizer):
             out.append(entry)
         return out
 
+    def schedules(self) -> list[dict[str, Tensor | list[Tensor]]]:
+        """``method="forward"``: every window's value in natural units, one dict per group.
+
+        A tensor of shape ``(windows,)`` per name for ``granularity="scalar"``; for
+        ``"tensor"`` a list with one such tensor per parameter of the group.  Online, a window
+        not reached yet shows its starting value and the current one its latest value.
+        """
+        if self._forward is None:
+            raise RuntimeError(f"schedules() needs method='forward', not {self.method!r}")
+        out: list[dict[str, Tensor | list[Tensor]]] = []
+        for learned, schedules in zip(self._learned, self._schedules, strict=True):
+            entry: dict[str, Tensor | list[Tensor]] = {}
+            for name, sched in schedules.items():
+                lv = learned[name]
+                values = [_natural(x.detach(), lv.fraction) for x in sched]
+                entry[name] = values[0] if lv.granularity == "scalar" else values
+            out.append(entry)
+        return out
+
     @property
     def hyper_state(self) -> dict[str, int]:
         """Counters: ``step``, ``hyper_steps`` taken and ``skipped_hyper_steps`` (non-finite)."""
@@ -249,7 +335,13 @@ class HyperOptimizer(Optimizer):
 
     # -- the step --------------------------------------------------------------------------
 
-    def step(self, closure: Closure | None = None, *, val_closure: Closure | None = None) -> Any:
+    def step(
+        self,
+        closure: Closure | None = None,
+        *,
+        val_closure: Closure | None = None,
+        loss_fn: Callable[[list[Tensor]], Tensor] | None = None,
+    ) -> Any:
         """One update of the weights and, every ``update_interval`` steps, of the learned values.
 
         Args:
@@ -261,9 +353,15 @@ class HyperOptimizer(Optimizer):
                 ``.grad`` and only ``neumann_steps=0`` is possible.
             val_closure: returns the validation loss (a scalar tensor, gradients enabled, no
                 ``backward()``); defaults to the one registered with
-                :meth:`register_validation_closure`.  Needed by ``"ift"`` and ``"greedy"``.
+                :meth:`register_validation_closure`.  Needed by ``"ift"``, ``"greedy"`` and
+                ``"forward"``.
+            loss_fn: ``method="forward"`` only, instead of ``closure``: the training loss on
+                this step's batch as a pure function of the list of trainable parameters (in
+                the order of the param groups), e.g. through ``torch.func.functional_call``.
+                The optimizer then takes the gradient itself and exact Hessian-vector products
+                for every tangent column at once (``vmap`` of ``jvp`` of the gradient).
         Returns:
-            What the closure returned, as torch's optimizers do.
+            What the closure (or ``loss_fn``) returned, as torch's optimizers do.
         """
         val_closure = val_closure if val_closure is not None else self._validation_closure
         if val_closure is not None and not callable(val_closure):
@@ -274,6 +372,16 @@ class HyperOptimizer(Optimizer):
             raise ValueError(
                 f"method={self.method!r} needs a validation closure: call "
                 "step(closure, val_closure=fn) or register_validation_closure(fn)"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        if self._forward is not None:
+            assert val_closure is not None
+            return self._forward_step(closure, val_closure, loss_fn)
+        if loss_fn is not None:
+            raise ValueError(
+                f"loss_fn is taken by method='forward' only, not method={self.method!r}: pass "
+                "a closure"
             )
         self._take_external_writes()
         t = self._counters["step"]
@@ -525,13 +633,18 @@ class HyperOptimizer(Optimizer):
             for name, lv in learned.items():
                 reduced[name] = lv.reduce(_place(hg.values[name], hg.indices, group["params"], lv))
             natural.append(reduced)
+        self._step_learned(natural)
+
+    def _step_learned(self, natural: list[dict[str, list[Tensor]]], *, record: bool = True) -> bool:
+        """Chain ``dL/dλ`` (one value per learned value) into ``φ`` and step the hyper-optimizer."""
         flat = [x for group in natural for xs in group.values() for x in xs]
         if flat and not bool(torch.stack([torch.isfinite(x).all().cpu() for x in flat]).all()):
             self._skip("a hypergradient is not finite")
-            return
-        self._last_hypergradients = [
-            {k: [x.detach().clone() for x in v] for k, v in g.items()} for g in natural
-        ]
+            return False
+        if record:
+            self._last_hypergradients = [
+                {k: [x.detach().clone() for x in v] for k, v in g.items()} for g in natural
+            ]
         assert self.hyper_optimizer is not None
         before = []
         for group, learned, grads in zip(self.param_groups, self._learned, natural, strict=True):
@@ -554,6 +667,7 @@ class HyperOptimizer(Optimizer):
                     self._set_group_value(group, name, shown)
                     lv.shown = shown
         self._counters["hyper_steps"] += 1
+        return True
 
     def _take_external_writes(self) -> None:
         for group, learned in zip(self.param_groups, self._learned, strict=True):
@@ -563,6 +677,266 @@ class HyperOptimizer(Optimizer):
                     shown = lv.take_external(value, group["params"])
                     self._set_group_value(group, name, shown)
                     lv.shown = shown
+
+    # -- forward mode ----------------------------------------------------------------------
+
+    def _columns(self) -> list[Column]:
+        return [
+            Column(g, name, j)
+            for g, learned in enumerate(self._learned)
+            for name, lv in learned.items()
+            for j in range(len(lv.phi))
+        ]
+
+    def _show_window(self, window: int) -> None:
+        """Make the learned values (and the param groups) those of ``window``'s schedule."""
+        for group, learned, schedules in zip(
+            self.param_groups, self._learned, self._schedules, strict=True
+        ):
+            for name, lv in learned.items():
+                sched = schedules[name]
+                if all(bool(phi == x[window]) for phi, x in zip(lv.phi, sched, strict=True)):
+                    continue  # unchanged: keep the exact float shown (the user's own at first)
+                with torch.no_grad():
+                    for phi, x in zip(lv.phi, sched, strict=True):
+                        phi.copy_(x[window])
+                lv.values = []
+                shown = lv.refresh(group["params"])
+                assert shown is not None
+                self._set_group_value(group, name, shown)
+                lv.shown = shown
+
+    def _record_window(self, window: int) -> None:
+        """Write the current learned values into ``window``'s entry of the schedules."""
+        with torch.no_grad():
+            for learned, schedules in zip(self._learned, self._schedules, strict=True):
+                for name, lv in learned.items():
+                    for phi, x in zip(lv.phi, schedules[name], strict=True):
+                        x[window] = phi.to(x.dtype)
+
+    def _forward_step(
+        self,
+        closure: Closure | None,
+        val_closure: Closure,
+        loss_fn: Callable[[list[Tensor]], Tensor] | None,
+    ) -> Any:
+        """One step of ``method="forward"``: propagate the tangents through this step's update
+        (before it is applied, at ``z_t``), apply it, and take the hyper-step when one is due.
+        """
+        fm = self._forward
+        assert fm is not None
+        if closure is None and loss_fn is None:
+            raise ValueError(
+                "method='forward' needs a training closure or loss_fn on every step: the tangents "
+                "take a Hessian-vector product of the training loss per learned value"
+            )
+        if closure is not None and loss_fn is not None:
+            raise ValueError("pass either closure or loss_fn to step(), not both")
+        window = fm.window()
+        if fm.mode == "episodic" and fm.loaded_window != window:
+            self._show_window(window)
+        fm.loaded_window = window
+        self._take_external_writes()
+        self._record_window(window)
+        t = self._counters["step"]
+
+        trainable = [p for group in self.param_groups for p in group["params"]]
+        graph: dict[int, Tensor] | None = None
+        functional: FunctionalHVP | None = None
+        if loss_fn is not None:
+            live_all = [p for p in trainable if p.requires_grad]
+            with torch.enable_grad():
+                loss = _check_training_loss(loss_fn(live_all))
+                grads = _grad(loss, live_all)
+            for p, g in zip(live_all, grads, strict=True):
+                p.grad = torch.zeros_like(p) if g is None else g.detach()
+            functional = FunctionalHVP(loss_fn, live_all)
+        else:
+            assert closure is not None
+            graph_wanted = self._resolved_hvp in (None, "autograd")
+            loss, graph = self._evaluate(closure, graph_wanted)
+
+        views = [self._gather(i) for i in range(len(self.param_groups))]
+        if fm.grad_clamp is not None:
+            with torch.no_grad():
+                masks = [[g.abs() < fm.grad_clamp for g in view[2]] for view in views]
+                for view in views:
+                    for g in view[2]:
+                        g.clamp_(-fm.grad_clamp, fm.grad_clamp)
+        jacobians = []
+        with torch.no_grad():
+            for i, (indices, params, grads_i, state) in enumerate(views):
+                group = self.param_groups[i]
+                jacobians.append(
+                    step_jacobian(
+                        self.rule,
+                        [p.detach() for p in params],
+                        [g.detach() for g in grads_i],
+                        state,
+                        self._hyper_values(i, indices),
+                        {k: group[k] for k in self.flag_names},
+                        tuple(self._learned[i]),
+                    )
+                )
+        blocks = sorted({o for jac in jacobians for o in jac.outputs}, key=lambda b: b != PARAM)
+        fm.allocate([group["params"] for group in self.param_groups], blocks)
+        assert fm.tangents is not None
+        active = fm.active(window)
+        live = [p for view in views for p in view[1]]
+        directions = [
+            fm.tangents[i][j][PARAM][:active] for i, view in enumerate(views) for j in view[0]
+        ]
+        step_grads = [g.detach().clone() for view in views for g in view[2]]
+        try:
+            if functional is not None:
+                position = {id(p): n for n, p in enumerate(live_all)}
+                full = [
+                    fm.tangents[i][j][PARAM][:active]
+                    for i, group in enumerate(self.param_groups)
+                    for j, p in enumerate(group["params"])
+                    if p.requires_grad
+                ]
+                products = functional(full)
+                hz = [products[position[id(p)]] for p in live]
+            elif graph is not None:
+                provider = AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
+                hz = provider.batched(directions)
+            else:
+                assert closure is not None
+                provider_fd = FiniteDifferenceHVP(
+                    live,
+                    [p.detach().clone() for p in live],
+                    step_grads,
+                    lambda: self._closure_gradient(closure, live),
+                    central=self._resolved_hvp != "forward_difference",
+                )
+                hz = batched_products(provider_fd, directions)
+        finally:
+            for p, g in zip(live, step_grads, strict=True):
+                p.grad = g
+        del graph
+        if fm.tangent_clamp is not None:
+            for x in hz:
+                x.clamp_(-fm.tangent_clamp, fm.tangent_clamp)
+        with torch.no_grad():
+            start = 0
+            for i, ((indices, params, _, _), jac) in enumerate(zip(views, jacobians, strict=True)):
+                entries = [fm.tangents[i][j] for j in indices]
+                tangents = {b: [e[b] for e in entries] for b in jac.outputs}
+                propagate(
+                    jac,
+                    tangents,
+                    hz[start : start + len(params)],
+                    active,
+                    grad_mask=None if fm.grad_clamp is None else masks[i],
+                )
+                start += len(params)
+                self._add_sources(i, indices, jac, entries, window)
+            for i, (indices, params, grads_i, state) in enumerate(views):
+                self._update(i, indices, params, grads_i, state)
+        self._counters["step"] = t + 1
+
+        if fm.episode_ends() or fm.online_due(t):
+            self._forward_hyper_step(val_closure, window)
+        if fm.episode_ends():
+            self._end_episode()
+        else:
+            fm.position += 1
+        return loss
+
+    def _add_sources(
+        self,
+        index: int,
+        indices: list[int],
+        jac: Any,
+        entries: list[dict[str, Tensor]],
+        window: int,
+    ) -> None:
+        """``Z[:, k·V + v] += ∂z'/∂λ_v`` for the values of param group ``index``."""
+        fm = self._forward
+        assert fm is not None
+        base = window * fm.values_per_window
+        for v, column in enumerate(fm.columns):
+            if column.group != index:
+                continue
+            lv = self._learned[index][column.name]
+            for n, j in enumerate(indices):
+                if lv.granularity != "scalar" and j != column.value:
+                    continue
+                for block in jac.outputs:
+                    entries[n][block][base + v].add_(jac.hyper[block][column.name][n])
+
+    def _forward_hyper_step(self, val_closure: Closure, window: int) -> None:
+        fm = self._forward
+        assert fm is not None and fm.tangents is not None
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        grads = self._validation_gradient(val_closure, params)
+        if grads is None:
+            return
+        by_param = {id(p): g for p, g in zip(params, grads, strict=True)}
+        val_grads = [[by_param.get(id(p)) for p in group["params"]] for group in self.param_groups]
+        vector = fm.hypergradient(val_grads)
+        if not bool(torch.isfinite(vector).all()):
+            self._skip("a hypergradient is not finite (the tangents restart from zero)")
+            fm.zero_tangents()
+            return
+        per_value = fm.split(vector)
+        natural: list[dict[str, list[Tensor]]] = [
+            {
+                name: [per_value[Column(g, name, j)] for j in range(len(lv.phi))]
+                for name, lv in learned.items()
+            }
+            for g, learned in enumerate(self._learned)
+        ]
+        self._last_hypergradients = [
+            {k: [x.clone() for x in v] for k, v in g.items()} for g in natural
+        ]
+        if fm.mode == "online":
+            current = [{k: [x[window] for x in v] for k, v in g.items()} for g in natural]
+            if self._step_learned(current, record=False):
+                self._record_window(window)
+            return
+        assert self.hyper_optimizer is not None
+        for learned, schedules, grads_g in zip(
+            self._learned, self._schedules, natural, strict=True
+        ):
+            for name, lv in learned.items():
+                for sched, h in zip(schedules[name], grads_g[name], strict=True):
+                    value = _natural(sched.detach(), lv.fraction)
+                    slope = value * (1 - value) if lv.fraction else value
+                    sched.grad = (h.to(sched.device) * slope.to(h.dtype)).to(sched.dtype)
+        with torch.no_grad():
+            self.hyper_optimizer.step()
+        self.hyper_optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for learned, schedules in zip(self._learned, self._schedules, strict=True):
+                for name, lv in learned.items():
+                    lo, hi = (to_unconstrained(b, lv.fraction) for b in lv.bounds)
+                    for sched in schedules[name]:
+                        sched.clamp_(lo, hi)
+        self._counters["hyper_steps"] += 1
+
+    def _end_episode(self) -> None:
+        """Episodic forward mode: restart the tangents, the buffers and the position."""
+        fm = self._forward
+        assert fm is not None
+        fm.zero_tangents()
+        self.state.clear()
+        fm.position = 0
+        fm.episodes += 1
+        fm.loaded_window = None
+
+    def tangent_memory(self) -> int:
+        """``method="forward"``: bytes held in tangents, ``M·|z|`` elements once every state
+        buffer exists (``M`` = windows × learned values, ``|z|`` = weights and buffers)."""
+        if self._forward is None or self._forward.tangents is None:
+            return 0
+        return sum(
+            z.numel() * z.element_size()
+            for g in self._forward.tangents
+            for e in g
+            for z in e.values()
+        )
 
     # -- state -----------------------------------------------------------------------------
 
@@ -582,6 +956,10 @@ class HyperOptimizer(Optimizer):
             "method": self._hyper_method.state_dict(),
             "resolved_hvp": self._resolved_hvp,
         }
+        if self._forward is not None:
+            state["hyper"]["schedules"] = [
+                {k: [x.detach().clone() for x in v] for k, v in g.items()} for g in self._schedules
+            ]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -600,6 +978,8 @@ class HyperOptimizer(Optimizer):
                     f"optimizer {len(self._learned)}"
                 )
             _check_saved_shapes(self._learned, hyper["phi"])
+            if self._forward is not None:
+                _check_saved_schedules(self._schedules, hyper.get("schedules"))
         super().load_state_dict(state_dict)
         if hyper is None:
             self._take_external_writes()
@@ -624,6 +1004,12 @@ class HyperOptimizer(Optimizer):
             {k: [x.clone() for x in v] for k, v in g.items()} for g in hyper["hypergradients"]
         ]
         self._hyper_method.load_state_dict(hyper["method"])
+        if self._forward is not None:
+            with torch.no_grad():
+                for schedules, saved_g in zip(self._schedules, hyper["schedules"], strict=True):
+                    for name, xs in schedules.items():
+                        for x, saved_x in zip(xs, saved_g[name], strict=True):
+                            x.copy_(saved_x)
         if self.hvp == "auto":
             self._resolved_hvp = hyper.get("resolved_hvp")
 
@@ -647,6 +1033,94 @@ def _place(
     for i, v in zip(indices, values, strict=True):
         full[i] = v
     return full
+
+
+def _natural(phi: Tensor, fraction: bool) -> Tensor:
+    return torch.sigmoid(phi) if fraction else torch.exp(phi)
+
+
+def _check_forward(
+    method: str,
+    granularity: Granularity | dict[str, Granularity],
+    horizon: object,
+    windows: object,
+    mode: object,
+    update_interval: object,
+    clamps: object,
+) -> ForwardMode | None:
+    """The options of ``method="forward"``; refused with any other method."""
+    if method != "forward":
+        for name, value in (
+            ("horizon", horizon),
+            ("windows", windows),
+            ("mode", mode),
+            ("clamps", clamps),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{name}={value!r} is an option of method='forward', not method={method!r}"
+                )
+        return None
+    grans = [granularity] if isinstance(granularity, str) else list(granularity.values())
+    if "element" in grans:
+        raise ValueError(
+            "method='forward' does not learn per-weight values (granularity 'element'): it "
+            "carries one tangent the size of the whole optimizer state per learned value, so a "
+            "value per weight would need memory of the number of weights squared; use "
+            "granularity 'scalar' or 'tensor', or method='ift' for per-weight values"
+        )
+    if horizon is None:
+        raise ValueError(
+            "method='forward' needs horizon: the number of steps of the run (online) or of each "
+            "episode (episodic), over which the windows are laid"
+        )
+    if not _is_int(horizon) or cast(int, horizon) < 1:
+        raise ValueError(f"horizon must be an integer >= 1, got {horizon!r}")
+    h = cast(int, horizon)
+    if windows is None:
+        windows = min(DEFAULT_WINDOWS, h)
+    if not _is_int(windows) or not 1 <= cast(int, windows) <= h:
+        raise ValueError(f"windows must be an integer in [1, horizon={h}], got {windows!r}")
+    mode = "online" if mode is None else mode
+    mode = _check_choice("mode", mode, MODES)
+    if mode == "episodic" and update_interval is not None:
+        raise ValueError(
+            f"update_interval={update_interval!r} does not apply to mode='episodic': the "
+            "schedule is updated once, at the end of each episode of horizon steps"
+        )
+    bounds: dict[str, float | None] = {"grad": None, "tangent": None}
+    if clamps is not None:
+        if not isinstance(clamps, Mapping):
+            raise TypeError(
+                f"clamps must be a mapping like {{'grad': 3.0, 'tangent': 1.0}}, got {clamps!r}"
+            )
+        for name, value in clamps.items():
+            if name not in CLAMP_NAMES:
+                raise ValueError(f"clamps: {name!r} is not a clamp; choose from {CLAMP_NAMES}")
+            c = _check_real(f"clamps[{name!r}]", value)
+            if not c > 0:
+                raise ValueError(f"clamps[{name!r}] must be positive, got {value!r}")
+            bounds[name] = c
+    interval = DEFAULT_UPDATE_INTERVAL["forward"] if update_interval is None else update_interval
+    return ForwardMode(
+        h, cast(int, windows), mode, cast(int, interval), bounds["grad"], bounds["tangent"]
+    )
+
+
+def _check_saved_schedules(
+    schedules: list[dict[str, list[Tensor]]], saved: list[dict[str, list[Tensor]]] | None
+) -> None:
+    """A forward-mode state dict must hold schedules of this optimizer's windows."""
+    if saved is None:
+        raise ValueError("the state dict has no schedules: it was not saved by method='forward'")
+    for group, values in zip(schedules, saved, strict=True):
+        for name, xs in group.items():
+            shapes = [tuple(x.shape) for x in values.get(name, [])]
+            if shapes != [tuple(x.shape) for x in xs]:
+                raise ValueError(
+                    f"the state dict's schedule of {name!r} has shapes {shapes}, this optimizer's "
+                    f"{[tuple(x.shape) for x in xs]}: was it saved with other windows?"
+                )
 
 
 def _check_saved_shapes(

@@ -120,6 +120,10 @@ class HyperSGD(HyperOptimizer):
         hyper_optimizer: HyperOptimizerFactory | None = None,
         hvp: str = "auto",
         bounds: Mapping[str, tuple[float, float]] | None = None,
+        horizon: int | None = None,
+        windows: int | None = None,
+        mode: str | None = None,
+        clamps: Mapping[str, float] | None = None,
     ) -> None:
         for name, flag in (("nesterov", nesterov), ("maximize", maximize)):
             if not isinstance(flag, bool):
@@ -156,6 +160,10 @@ class HyperSGD(HyperOptimizer):
             hyper_optimizer=hyper_optimizer,
             hvp=hvp,
             bounds=bounds,
+            horizon=horizon,
+            windows=windows,
+            mode=mode,
+            clamps=clamps,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:

@@ -500,3 +500,45 @@ __all__ = [
     "scale_of",
     "unroll",
 ]
+
+
+def schedule_hypergradients(
+    start: Start,
+    problem: Problem,
+    schedules: Sequence[Learned],
+    steps: int,
+    horizon: int | None = None,
+) -> list[Learned]:
+    """``d L_V(w_{t+steps}) / dλ_k`` for every window ``k`` of learned schedules, by
+    ``torch.func.grad`` through ``steps`` unrolled reference steps from ``start``.
+
+    ``schedules`` holds, per group, a tensor of shape ``(N,)`` per learned name (one value
+    for the group per window) or a list of them (one per parameter); step ``t`` uses window
+    ``⌊N t / horizon⌋`` (``horizon`` defaults to ``steps``).
+    """
+    horizon = steps if horizon is None else horizon
+
+    def at(values: Sequence[Learned], k: int) -> list[Learned]:
+        return [
+            {n: v[k] if isinstance(v, Tensor) else [x[k] for x in v] for n, v in g.items()}
+            for g in values
+        ]
+
+    def objective(values: list[Learned]) -> Tensor:
+        params, states = list(start.params), list(start.states)
+        for t in range(steps):
+            windows = _windows(values)
+            k = min(windows - 1, windows * t // horizon)
+            params, states = unroll(
+                Start(params, states, start.specs), problem.train_grad, 1, at(values, k)
+            )
+        return problem.val_loss(params)
+
+    return grad(objective)(list(schedules))
+
+
+def _windows(values: Sequence[Learned]) -> int:
+    for g in values:
+        for v in g.values():
+            return int((v if isinstance(v, Tensor) else v[0]).shape[0])
+    raise ValueError("no learned schedule")

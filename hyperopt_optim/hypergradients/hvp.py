@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["AutogradHVP", "FiniteDifferenceHVP", "clone_parameter_saves"]
+__all__ = ["AutogradHVP", "FiniteDifferenceHVP", "FunctionalHVP", "clone_parameter_saves"]
 
 
 @contextmanager
@@ -75,6 +75,29 @@ class AutogradHVP:
             )
         )
         del inputs
+        return [
+            torch.zeros_like(d) if hd is None else hd.detach()
+            for hd, d in zip(products, directions, strict=True)
+        ]
+
+    def batched(self, directions: list[Tensor]) -> list[Tensor]:
+        """``H d`` for every leading column of ``directions`` in one batched double backward
+        (``is_grads_batched``: autograd maps the backward over the columns)."""
+        index = {id(p): i for i, p in enumerate(self._params)}
+        if not self._pairs or not directions or directions[0].shape[0] == 0:
+            return [torch.zeros_like(d) for d in directions]
+        outputs = [g for _, g in self._pairs]
+        grad_outputs = [directions[index[id(p)]] for p, _ in self._pairs]
+        products: list[Tensor | None] = list(
+            torch.autograd.grad(
+                outputs,
+                self._params,
+                grad_outputs,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        )
         return [
             torch.zeros_like(d) if hd is None else hd.detach()
             for hd, d in zip(products, directions, strict=True)
@@ -145,3 +168,42 @@ def _norm(xs: list[Tensor]) -> float:
     if len({n.device for n in norms}) > 1:
         norms = [n.cpu() for n in norms]
     return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+class FunctionalHVP:
+    """Exact products for many directions at once, by forward-over-reverse.
+
+    ``H D`` for a batch of directions ``D`` (leading dimension: one column per direction) is
+    ``vmap`` over columns of ``jvp`` of ``torch.func.grad`` of the training loss, written as a
+    pure function of the parameters' values.
+
+    Args:
+        loss_fn: the training loss on the step's batch as a function of a list of tensors
+            (the parameters, in order); it must be a pure function (``functional_call``).
+        point: the parameters' values to differentiate at.
+        chunk_size: columns per ``vmap`` call (``None``: all at once).
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[list[Tensor]], Tensor],
+        point: list[Tensor],
+        chunk_size: int | None = None,
+    ) -> None:
+        self._point = tuple(p.detach() for p in point)
+        self._chunk_size = chunk_size
+
+        def gradient(*ws: Tensor) -> tuple[Tensor, ...]:
+            return tuple(torch.func.grad(lambda xs: loss_fn(list(xs)))(ws))
+
+        def product(*vs: Tensor) -> tuple[Tensor, ...]:
+            return tuple(torch.func.jvp(gradient, self._point, vs)[1])
+
+        self._product = product
+
+    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+        """``H d`` for every leading column of ``directions`` (one tensor per parameter)."""
+        if not directions or directions[0].shape[0] == 0:
+            return [d.clone() for d in directions]
+        batched = torch.func.vmap(self._product, chunk_size=self._chunk_size)
+        return [x.detach() for x in batched(*directions)]

@@ -1,0 +1,672 @@
+"""Forward-mode hypergradients with sharing (``method="forward"``, DESIGN §5 and §7).
+
+The oracle (:func:`oracle.schedule_hypergradients`) differentiates the unrolled training —
+the rules' ``reference`` maps, each step's gradient by ``torch.func.grad``, step ``t`` using
+window ``⌊N t / T⌋`` of each schedule — by reverse mode in float64.  Schedules are kept still
+by a hyper-optimizer with learning rate 0 (episodic: the hyper-step at the episode's end only
+records ``hypergradients()``), so the optimizer walks the oracle's trajectory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import oracle
+import pytest
+import torch
+from conftest import DEVICES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from hyperopt_optim import HyperAdam, HyperAdamW, HyperOptimizer, HyperSGD, SignStep
+from hyperopt_optim.hypergradients.forward import window_of
+
+# --- tolerances (DESIGN §7) ------------------------------------------------------------------
+
+# Forward mode over T steps against reverse mode over the same steps: two exact float64
+# derivatives of the same arithmetic, judged against the largest entry of each schedule's
+# hypergradient (observed: 1e-13 for Adam, 1e-15 for SGD).
+EXACT_RTOL = 1e-8
+# Some hypergradients are exactly zero (Adam's β2 on its first step), leaving the rounding of
+# the O(1) terms that cancel (observed: 7e-15): an absolute floor for those.
+ZERO_ATOL = 1e-13
+# Tangents by central finite-difference products against exact ones: each product carries
+# about u^(2/3) ≈ 4e-11 relative error, accumulated over T steps (observed: 2e-10 at T = 12).
+FD_RTOL = 1e-6
+# The oracle against central differences of the whole unrolled map (step 1e-5 λ).
+ORACLE_FD_RTOL = 1e-6
+
+FROZEN = {"hyper_optimizer": lambda params: torch.optim.SGD(params, lr=0.0)}
+
+CASES: dict[str, tuple[type[HyperOptimizer], dict[str, Any], tuple[str, ...]]] = {
+    "sgd_momentum_wd": (
+        HyperSGD,
+        {"lr": 0.1, "momentum": 0.8, "weight_decay": 0.01},
+        ("lr", "momentum", "weight_decay"),
+    ),
+    "sgd_nesterov": (
+        HyperSGD,
+        {"lr": 0.05, "momentum": 0.7, "weight_decay": 0.02, "nesterov": True},
+        ("lr", "momentum", "weight_decay"),
+    ),
+    "adam": (
+        HyperAdam,
+        {"lr": 0.01, "weight_decay": 0.01},
+        ("lr", "beta1", "beta2", "weight_decay"),
+    ),
+    "adamw_amsgrad": (
+        HyperAdamW,
+        {"lr": 0.01, "weight_decay": 0.05, "amsgrad": True},
+        ("lr", "beta1", "weight_decay", "eps"),
+    ),
+}
+
+
+def _step(opt: HyperOptimizer, problem: oracle.Problem, how: str) -> Any:
+    if how == "functional":
+        return opt.step(loss_fn=problem.train_loss, val_closure=problem.val_closure)
+    if how == "finite_difference":
+        return opt.step(problem.torch_closure(opt), val_closure=problem.val_closure)
+    return opt.step(problem.closure, val_closure=problem.val_closure)
+
+
+def _make(
+    case: str,
+    problem: oracle.Problem,
+    *,
+    steps: int,
+    windows: int,
+    granularity: str = "scalar",
+    how: str = "autograd",
+    horizon: int | None = None,
+    **extra: Any,
+) -> HyperOptimizer:
+    cls, kwargs, learn = CASES[case]
+    options = {**FROZEN, **extra}
+    return cls(
+        problem.params,
+        **kwargs,
+        learn=learn,
+        granularity=granularity,
+        method="forward",
+        horizon=steps if horizon is None else horizon,
+        windows=windows,
+        mode="episodic",
+        hvp="finite_difference" if how == "finite_difference" else "auto",
+        **options,
+    )
+
+
+def _schedules(opt: HyperOptimizer) -> list[oracle.Learned]:
+    return [
+        {k: v.clone() if isinstance(v, Tensor) else [x.clone() for x in v] for k, v in g.items()}
+        for g in opt.schedules()
+    ]
+
+
+def _relative_error(got: Tensor | list[Tensor], want: Tensor | list[Tensor]) -> float:
+    got_list = [got] if isinstance(got, Tensor) else got
+    want_list = [want] if isinstance(want, Tensor) else want
+    scale = max(float(w.abs().max()) for w in want_list)
+    assert scale > 0, "a hypergradient that is exactly zero tests nothing"
+    return max(float((g - w).abs().max()) for g, w in zip(got_list, want_list, strict=True)) / scale
+
+
+def _forward_and_oracle(
+    case: str,
+    seed: int,
+    steps: int,
+    windows: int,
+    granularity: str,
+    how: str,
+    horizon: int | None = None,
+) -> tuple[list[dict[str, Any]], list[oracle.Learned]]:
+    problem = oracle.mlp_problem(seed)
+    # the horizon is the episode: a longer one leaves the episode open, so no reset
+    opt = _make(
+        case, problem, steps=steps, windows=windows, granularity=granularity, how=how,
+        horizon=horizon,
+    )  # fmt: skip
+    start = oracle.capture(opt)
+    schedules = _schedules(opt)
+    for _ in range(steps):
+        _step(opt, problem, how)
+    if horizon is not None and horizon > steps:  # no episode end yet: read the tangents now
+        opt._forward_hyper_step(problem.val_closure, opt._forward.window())
+    want = oracle.schedule_hypergradients(start, problem, schedules, steps, horizon)
+    return opt.hypergradients(), want
+
+
+# --- exactness -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["autograd", "functional"])
+@pytest.mark.parametrize("granularity", ["scalar", "tensor"])
+@pytest.mark.parametrize("windows", [1, 3, 5])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_equals_reverse_mode_unrolled(
+    case: str, windows: int, granularity: str, how: str
+) -> None:
+    """After T steps with N shared windows, every window's hypergradient equals reverse mode
+    through the same T steps (exact Hessian-vector products: double backward or vmap/jvp)."""
+    got, want = _forward_and_oracle(case, 0, 10, windows, granularity, how)
+    for g, w in zip(got, want, strict=True):
+        assert set(g) == set(w)
+        for name in g:
+            shapes = [x.shape for x in (g[name] if isinstance(g[name], list) else [g[name]])]
+            assert all(s == (windows,) for s in shapes)
+            assert _relative_error(g[name], w[name]) < EXACT_RTOL, name
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum_wd", "adam"])
+def test_forward_with_two_param_groups(case: str) -> None:
+    """Each group's schedule has its own columns; groups with different values are exact."""
+    problem = oracle.mlp_problem(3)
+    cls, kwargs, learn = CASES[case]
+    groups = [
+        {"params": problem.params[:2]},
+        {"params": problem.params[2:], "lr": kwargs["lr"] * 0.5},
+    ]
+    opt = cls(
+        groups, **kwargs, learn=learn, method="forward", horizon=9, windows=3, mode="episodic",
+        **FROZEN,
+    )  # fmt: skip
+    start = oracle.capture(opt)
+    schedules = _schedules(opt)
+    for _ in range(9):
+        _step(opt, problem, "autograd")
+    want = oracle.schedule_hypergradients(start, problem, schedules, 9)
+    for g, w in zip(opt.hypergradients(), want, strict=True):
+        for name in g:
+            assert _relative_error(g[name], w[name]) < EXACT_RTOL, name
+
+
+@settings(max_examples=12)
+@given(
+    seed=st.integers(0, 10_000),
+    steps=st.integers(1, 9),
+    extra=st.integers(0, 6),
+    windows=st.integers(1, 6),
+    case=st.sampled_from(sorted(CASES)),
+    granularity=st.sampled_from(["scalar", "tensor"]),
+)
+def test_forward_exact_property(
+    seed: int, steps: int, extra: int, windows: int, case: str, granularity: str
+) -> None:
+    """Any seed, T, horizon ≥ T and N ≤ horizon: exact through the steps taken so far;
+    windows not reached yet have a hypergradient of exactly zero."""
+    horizon = steps + extra
+    windows = min(windows, horizon)
+    got, want = _forward_and_oracle(case, seed, steps, windows, granularity, "autograd", horizon)
+    reached = window_of(steps - 1, horizon, windows) + 1
+    for g, w in zip(got, want, strict=True):
+        for name in g:
+            gs = g[name] if isinstance(g[name], list) else [g[name]]
+            ws = w[name] if isinstance(w[name], list) else [w[name]]
+            for x, y in zip(gs, ws, strict=True):
+                assert bool((x[reached:] == 0).all())
+                scale = max(float(y.abs().max()), 1e-300)
+                assert float((x - y).abs().max()) <= EXACT_RTOL * scale + ZERO_ATOL, name
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum_wd", "adam"])
+def test_finite_difference_tangents_agree_with_exact(case: str) -> None:
+    """Tangents propagated with central finite-difference products (torch's closure, which
+    calls backward) agree with those propagated with exact products."""
+    exact, _ = _forward_and_oracle(case, 1, 12, 3, "scalar", "autograd")
+    fd, _ = _forward_and_oracle(case, 1, 12, 3, "scalar", "finite_difference")
+    for e, f in zip(exact, fd, strict=True):
+        for name in e:
+            assert _relative_error(f[name], e[name]) < FD_RTOL, name
+
+
+def test_schedule_oracle_matches_central_differences() -> None:
+    """The oracle itself: its derivative for one window equals central differences of the
+    unrolled validation loss."""
+    problem = oracle.mlp_problem(2)
+    opt = _make("sgd_momentum_wd", problem, steps=6, windows=3)
+    start = oracle.capture(opt)
+    schedules = _schedules(opt)
+    want = oracle.schedule_hypergradients(start, problem, schedules, 6)[0]
+
+    def loss_at(values: list[oracle.Learned]) -> float:
+        def at(k: int) -> list[oracle.Learned]:
+            return [{n: v[k] for n, v in g.items()} for g in values]  # type: ignore[index]
+
+        params, states = list(start.params), list(start.states)
+        for t in range(6):
+            k = window_of(t, 6, 3)
+            params, states = oracle.unroll(
+                oracle.Start(params, states, start.specs), problem.train_grad, 1, at(k)
+            )
+        return float(problem.val_loss(params))
+
+    for name in ("lr", "momentum"):
+        for k in range(3):
+            h = 1e-5 * float(schedules[0][name][k])  # type: ignore[index]
+            plus, minus = copy.deepcopy(schedules), copy.deepcopy(schedules)
+            plus[0][name][k] += h  # type: ignore[index]
+            minus[0][name][k] -= h  # type: ignore[index]
+            central = (loss_at(plus) - loss_at(minus)) / (2 * h)
+            assert float(want[name][k]) == pytest.approx(central, rel=ORACLE_FD_RTOL)  # type: ignore[index]
+
+
+def test_grad_clamp_is_differentiated_exactly() -> None:
+    """With the paper's gradient clamp, the tangents see the clamp (zero derivative where it
+    binds): equal to reverse mode through the clamped training gradient."""
+    problem = oracle.mlp_problem(4)
+    opt = _make("sgd_momentum_wd", problem, steps=8, windows=2, clamps={"grad": 0.05})
+    start = oracle.capture(opt)
+    schedules = _schedules(opt)
+    for _ in range(8):
+        _step(opt, problem, "autograd")
+    clamped = oracle.Problem(problem.params, problem.train_loss, problem.val_loss)
+    plain_grad = problem.train_grad
+    clamped.train_grad = lambda ps: [g.clamp(-0.05, 0.05) for g in plain_grad(ps)]  # type: ignore[method-assign]
+    raw = [g.abs().max() for g in plain_grad(start.params)]
+    assert max(float(r) for r in raw) > 0.05, "the clamp must bind for the test to mean anything"
+    want = oracle.schedule_hypergradients(start, clamped, schedules, 8)[0]
+    got = opt.hypergradients()[0]
+    for name in got:
+        assert _relative_error(got[name], want[name]) < EXACT_RTOL, name
+
+
+def test_clamps_that_never_bind_change_nothing() -> None:
+    runs = []
+    for clamps in (None, {"grad": 1e6, "tangent": 1e6}):
+        problem = oracle.mlp_problem(5)
+        opt = _make("sgd_momentum_wd", problem, steps=6, windows=2, clamps=clamps)
+        for _ in range(6):
+            _step(opt, problem, "autograd")
+        runs.append(opt.hypergradients()[0])
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name])
+
+
+def test_tangent_clamp_bounds_each_product() -> None:
+    """A tangent clamp that binds changes the hypergradient (the paper's ±1 on H·Z)."""
+    results = []
+    for clamps in (None, {"tangent": 1e-4}):
+        problem = oracle.mlp_problem(5)
+        opt = _make("sgd_momentum_wd", problem, steps=6, windows=2, clamps=clamps)
+        for _ in range(6):
+            _step(opt, problem, "autograd")
+        results.append(opt.hypergradients()[0]["lr"])
+    assert not torch.allclose(results[0], results[1])
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+def _tiny_run(steps: int, horizon: int) -> tuple[HyperOptimizer, int]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    opt = HyperSGD(
+        model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3,
+        learn=("lr", "momentum", "weight_decay"), method="forward", horizon=horizon, windows=5,
+    )  # fmt: skip
+
+    def closure() -> Tensor:
+        return ((model(x) - y) ** 2).mean()
+
+    for _ in range(steps):
+        opt.step(closure, val_closure=closure)
+    state_numel = sum(p.numel() for p in model.parameters()) * 2  # weights and momentum
+    return opt, state_numel
+
+
+def test_tangent_memory_is_m_times_state_and_flat_over_the_horizon() -> None:
+    """M·|z| bytes (M = windows × learned values, |z| = weights + momentum buffers), the same
+    after 100 and after 10,000 steps, and nothing else in the state grows."""
+    short, z = _tiny_run(100, 10_000)
+    long, _ = _tiny_run(10_000, 10_000)
+    m = 5 * 3
+    assert short.tangent_memory() == m * z * 8
+    assert long.tangent_memory() == short.tangent_memory()
+
+    def saved_bytes(opt: HyperOptimizer) -> int:
+        total = 0
+
+        def walk(x: Any) -> None:
+            nonlocal total
+            if isinstance(x, Tensor):
+                total += x.numel() * x.element_size()
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+            elif isinstance(x, list | tuple):
+                for v in x:
+                    walk(v)
+
+        walk(opt.state_dict())
+        return total
+
+    assert saved_bytes(long) == saved_bytes(short)
+    assert long.hyper_state["hyper_steps"] == 1000
+
+
+# --- modes -----------------------------------------------------------------------------------
+
+
+def _quadratic_run(mode: str, steps: int, **kwargs: Any) -> tuple[HyperSGD, Callable[[], Tensor]]:
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    target = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+
+    def loss() -> Tensor:
+        return ((w - target) ** 2).sum()
+
+    opt = HyperSGD([w], lr=0.01, learn="lr", method="forward", mode=mode, **kwargs)
+    return opt, loss
+
+
+def test_online_mode_learns_the_current_window_and_records_the_schedule() -> None:
+    """Online: the current window's value steps every update_interval steps (a too-small lr
+    on a quadratic grows); windows not reached keep their start; tangents carry on."""
+    opt, loss = _quadratic_run("online", 0, horizon=40, windows=4, update_interval=5)
+    start = float(opt.param_groups[0]["lr"])
+    for _ in range(20):
+        opt.step(loss, val_closure=loss)
+    schedule = opt.schedules()[0]["lr"]
+    assert isinstance(schedule, Tensor)
+    assert schedule.shape == (4,)
+    assert float(schedule[0]) > start
+    assert float(schedule[1]) > float(schedule[0])
+    assert float(schedule[2]) == pytest.approx(start)
+    assert float(schedule[3]) == pytest.approx(start)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(float(schedule[1]))
+    grads = opt.hypergradients()[0]["lr"]
+    assert grads.shape == (4,)
+    assert float(grads[1]) < 0
+    assert bool((grads[2:] == 0).all())
+    assert opt.hyper_state["hyper_steps"] == 4
+
+
+def test_online_mode_runs_past_the_horizon_in_the_last_window() -> None:
+    opt, loss = _quadratic_run("online", 0, horizon=10, windows=2, update_interval=5)
+    for _ in range(30):
+        opt.step(loss, val_closure=loss)
+    assert opt.hyper_state["hyper_steps"] == 6
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(float(opt.schedules()[0]["lr"][1]))  # type: ignore[index]
+
+
+def test_episodic_mode_updates_the_schedule_at_the_end_and_restarts() -> None:
+    """Episodic: values stand still within an episode; at its end the whole schedule steps
+    (the paper's sign steps by default), tangents and buffers restart, and reruns from the
+    same start reach a lower validation loss."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    target = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    scales = torch.tensor([1.0, 3.0, 0.3], dtype=torch.float64)
+
+    def loss() -> Tensor:
+        return ((scales * (w - target)) ** 2).sum()
+
+    opt = HyperSGD(
+        [w], lr=0.01, momentum=0.5, learn=("lr", "momentum"), method="forward", horizon=20,
+        windows=4, mode="episodic",
+    )  # fmt: skip
+    assert isinstance(opt.hyper_optimizer, SignStep)
+    finals = []
+    for episode in range(6):
+        with torch.no_grad():
+            w.zero_()
+        before = opt.schedules()[0]["lr"].clone()  # type: ignore[union-attr]
+        for t in range(20):
+            opt.step(loss, val_closure=loss)
+            if t < 19:
+                assert torch.equal(opt.schedules()[0]["lr"], before)  # type: ignore[arg-type]
+        finals.append(float(loss()))
+        assert opt._forward.position == 0
+        assert opt._forward.episodes == episode + 1
+        assert opt.tangent_memory() > 0
+        assert not opt.state
+        assert not torch.equal(opt.schedules()[0]["lr"], before)  # type: ignore[arg-type]
+    assert finals[-1] < 0.5 * finals[0]
+    assert opt.hyper_state["hyper_steps"] == 6
+
+
+def test_episodic_values_follow_the_windows() -> None:
+    """Step t uses window ⌊N t / T⌋ of the schedule (written here by hand)."""
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = HyperSGD(
+        [w], lr=0.1, learn="lr", method="forward", horizon=6, windows=3, mode="episodic",
+        **FROZEN,
+    )  # fmt: skip
+    with torch.no_grad():
+        opt._schedules[0]["lr"][0].copy_(torch.log(torch.tensor([0.1, 0.2, 0.3])))
+    seen = []
+    for _ in range(6):
+        opt.step(lambda: (w**2).sum(), val_closure=lambda: (w**2).sum())
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([0.1, 0.1, 0.2, 0.2, 0.3, 0.3])
+
+
+def test_frozen_forward_mode_trains_exactly_as_torch() -> None:
+    """With the schedule standing still, the weights follow torch.optim.SGD bit for bit."""
+    problem = oracle.mlp_problem(6)
+    twin = [p.detach().clone().requires_grad_() for p in problem.params]
+    opt = HyperSGD(
+        problem.params, lr=0.1, momentum=0.9, weight_decay=0.01,
+        learn=("lr", "momentum", "weight_decay"), method="forward", horizon=10, windows=2,
+        mode="online", **FROZEN,
+    )  # fmt: skip
+    ref = torch.optim.SGD(twin, lr=0.1, momentum=0.9, weight_decay=0.01)
+    for _ in range(10):
+        opt.step(problem.closure, val_closure=problem.val_closure)
+        ref.zero_grad()
+        problem.train_loss(twin).backward()
+        ref.step()
+    for p, q in zip(problem.params, twin, strict=True):
+        assert torch.equal(p, q)
+
+
+# --- robustness and state --------------------------------------------------------------------
+
+
+def test_non_finite_validation_loss_skips_and_keeps_the_schedule() -> None:
+    opt, loss = _quadratic_run("online", 0, horizon=10, windows=2, update_interval=2)
+    before = opt.schedules()[0]["lr"].clone()  # type: ignore[union-attr]
+    opt.step(loss, val_closure=lambda: loss() * float("nan"))
+    with pytest.warns(RuntimeWarning, match="validation loss is nan"):
+        opt.step(loss, val_closure=lambda: loss() * float("nan"))
+    assert torch.equal(opt.schedules()[0]["lr"], before)  # type: ignore[arg-type]
+    assert opt.hyper_state["skipped_hyper_steps"] == 1
+
+
+def test_non_finite_tangents_restart_from_zero() -> None:
+    opt, loss = _quadratic_run("online", 0, horizon=10, windows=2, update_interval=2)
+    for _ in range(1):
+        opt.step(loss, val_closure=loss)
+    assert opt._forward.tangents is not None
+    opt._forward.tangents[0][0]["param"].fill_(float("inf"))
+    before = opt.schedules()[0]["lr"].clone()  # type: ignore[union-attr]
+    with pytest.warns(RuntimeWarning, match="tangents restart"):
+        opt.step(loss, val_closure=loss)
+    assert torch.equal(opt.schedules()[0]["lr"], before)  # type: ignore[arg-type]
+    assert all(bool(torch.isfinite(z).all()) for z in opt._forward.tangents[0][0].values())
+    assert math.isfinite(float(opt.param_groups[0]["lr"]))
+
+
+@pytest.mark.parametrize("mode", ["online", "episodic"])
+def test_state_dict_round_trips_mid_episode(mode: str) -> None:
+    """Saved mid-episode (tangents, schedules, position) and loaded into a fresh optimizer,
+    the run continues exactly as the uninterrupted one."""
+
+    def make(problem: oracle.Problem) -> HyperOptimizer:
+        return HyperSGD(
+            problem.params, lr=0.05, momentum=0.8, learn=("lr", "momentum"),
+            method="forward", horizon=8, windows=4, mode=mode,
+            **({"update_interval": 3} if mode == "online" else {}),
+        )  # fmt: skip
+
+    a = oracle.mlp_problem(7)
+    opt_a = make(a)
+    for _ in range(13):
+        _step(opt_a, a, "autograd")
+    b = oracle.mlp_problem(7)
+    opt_b = make(b)
+    for _ in range(5):
+        _step(opt_b, b, "autograd")
+    saved = copy.deepcopy(opt_b.state_dict())
+    with torch.no_grad():
+        weights = [p.clone() for p in b.params]
+    c = oracle.mlp_problem(7)
+    with torch.no_grad():
+        for p, x in zip(c.params, weights, strict=True):
+            p.copy_(x)
+    opt_c = make(c)
+    opt_c.load_state_dict(saved)
+    for _ in range(8):
+        _step(opt_c, c, "autograd")
+    for p, q in zip(a.params, c.params, strict=True):
+        assert torch.equal(p, q)
+    for name in ("lr", "momentum"):
+        assert torch.equal(opt_a.schedules()[0][name], opt_c.schedules()[0][name])  # type: ignore[arg-type]
+        assert torch.equal(opt_a.hypergradients()[0][name], opt_c.hypergradients()[0][name])  # type: ignore[arg-type]
+
+
+def test_state_dict_with_other_windows_is_refused() -> None:
+    problem = oracle.mlp_problem(0)
+    opt = _make("sgd_momentum_wd", problem, steps=6, windows=3)
+    _step(opt, problem, "autograd")
+    other = _make("sgd_momentum_wd", oracle.mlp_problem(0), steps=6, windows=2)
+    with pytest.raises(ValueError, match="shapes"):
+        other.load_state_dict(opt.state_dict())
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+
+def _w() -> list[Tensor]:
+    return [torch.nn.Parameter(torch.zeros(2))]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"granularity": "element"}, ValueError, "one tangent the size of the whole"),
+        ({"granularity": {"lr": "element"}}, ValueError, "granularity 'element'"),
+        ({"horizon": None}, ValueError, "needs horizon"),
+        ({"horizon": 0}, ValueError, "horizon must be an integer >= 1, got 0"),
+        ({"horizon": 2.5}, ValueError, "horizon must be an integer"),
+        ({"windows": 11}, ValueError, r"windows must be an integer in \[1, horizon=10\], got 11"),
+        ({"windows": 0}, ValueError, "windows must be"),
+        ({"mode": "batch"}, ValueError, "mode must be one of"),
+        ({"mode": "episodic", "update_interval": 5}, ValueError, "does not apply to mode"),
+        ({"clamps": {"hz": 1.0}}, ValueError, "'hz' is not a clamp"),
+        ({"clamps": {"grad": -1.0}}, ValueError, r"clamps\['grad'\] must be positive"),
+        ({"clamps": [3.0, 1.0]}, TypeError, "clamps must be a mapping"),
+        ({"neumann_steps": 2}, ValueError, "takes no Neumann terms"),
+    ],
+)
+def test_bad_forward_arguments(kwargs: dict[str, Any], error: type, match: str) -> None:
+    options: dict[str, Any] = {"method": "forward", "horizon": 10, **kwargs}
+    with pytest.raises(error, match=match):
+        HyperSGD(_w(), lr=0.1, **options)
+
+
+@pytest.mark.parametrize("name", ["horizon", "windows", "mode", "clamps"])
+def test_forward_options_refused_with_other_methods(name: str) -> None:
+    value = {"horizon": 10, "windows": 2, "mode": "online", "clamps": {"grad": 3.0}}[name]
+    with pytest.raises(ValueError, match=f"{name}=.* is an option of method='forward'"):
+        HyperSGD(_w(), lr=0.1, method="ift", **{name: value})
+
+
+def test_forward_needs_a_training_closure_or_loss_fn() -> None:
+    opt = HyperSGD(_w(), lr=0.1, method="forward", horizon=4)
+    with pytest.raises(ValueError, match="needs a training closure or loss_fn"):
+        opt.step(val_closure=lambda: torch.zeros(()))
+
+
+def test_loss_fn_is_for_forward_mode_only() -> None:
+    params = _w()
+    opt = HyperSGD(params, lr=0.1, method="greedy")
+    with pytest.raises(ValueError, match="loss_fn is taken by method='forward' only"):
+        opt.step(loss_fn=lambda ps: (ps[0] ** 2).sum(), val_closure=lambda: params[0].sum())
+
+
+def test_schedules_needs_forward_mode() -> None:
+    with pytest.raises(RuntimeError, match="needs method='forward'"):
+        HyperSGD(_w(), lr=0.1).schedules()
+
+
+def test_new_param_group_mid_episode_is_refused() -> None:
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = HyperSGD([w], lr=0.1, method="forward", horizon=4, windows=2)
+    opt.step(lambda: (w**2).sum(), val_closure=lambda: (w**2).sum())
+    with pytest.raises(RuntimeError, match="only before the first step of an episode"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))]})
+
+
+# --- SignStep --------------------------------------------------------------------------------
+
+
+def test_sign_step_halves_on_each_sign_flip() -> None:
+    x = torch.nn.Parameter(torch.zeros(3))
+    opt = SignStep([x], lr=0.4)
+    steps = []
+    for g in ([1.0, -2.0, 0.0], [3.0, 5.0, 0.0], [-1.0, 1.0, 7.0], [-4.0, -1.0, -1.0]):
+        before = x.detach().clone()
+        x.grad = torch.tensor(g)
+        opt.step()
+        steps.append((x.detach() - before).tolist())
+    assert steps[0] == pytest.approx([-0.4, 0.4, 0.0])
+    assert steps[1] == pytest.approx([-0.4, -0.2, 0.0])  # second entry flipped: halved
+    assert steps[2] == pytest.approx([0.2, -0.2, -0.4])  # a zero sign is not a flip
+    assert steps[3] == pytest.approx([0.2, 0.1, 0.2])
+
+
+def test_sign_step_maximize_and_checks() -> None:
+    x = torch.nn.Parameter(torch.zeros(1))
+    opt = SignStep([x], lr=0.1, maximize=True)
+    x.grad = torch.ones(1)
+    opt.step()
+    assert float(x) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"Invalid decay value: 1\.5"):
+        SignStep([x], decay=1.5)
+    with pytest.raises(ValueError, match="Invalid lr value: -1"):
+        SignStep([x], lr=-1)
+    with pytest.raises(TypeError, match="lr must be a real number"):
+        SignStep([x], lr="big")  # type: ignore[arg-type]
+
+
+def test_sign_step_beside_any_optimizer_in_episodic_mode() -> None:
+    """The outer update is a choice: Adam on the schedule works the same way."""
+    opt, loss = _quadratic_run(
+        "episodic", 0, horizon=10, windows=2,
+        hyper_optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
+    )  # fmt: skip
+    assert isinstance(opt.hyper_optimizer, torch.optim.Adam)
+    for _ in range(10):
+        opt.step(loss, val_closure=loss)
+    assert opt.hyper_state["hyper_steps"] == 1
+    assert float(opt.schedules()[0]["lr"][0]) == pytest.approx(0.01 * math.exp(0.1))  # type: ignore[index]
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["autograd", "functional", "finite_difference"])
+def test_forward_float32_on_device_against_float64_oracle(device: str, how: str) -> None:
+    """A float32 run (CPU or CUDA) matches the float64 oracle from the same point."""
+    problem = oracle.mlp_problem(8, dtype=torch.float32, device=device)
+    opt = _make("sgd_momentum_wd", problem, steps=6, windows=2, how=how)
+    start = oracle.capture(opt).to(torch.float64)
+    schedules = [
+        {k: v.double() for k, v in g.items()}  # type: ignore[union-attr]
+        for g in _schedules(opt)
+    ]
+    for _ in range(6):
+        _step(opt, problem, how)
+    twin = oracle.mlp_problem(8)
+    want = oracle.schedule_hypergradients(start, twin, schedules, 6)[0]
+    got = opt.hypergradients()[0]
+    for name in got:
+        assert _relative_error(got[name].double(), want[name]) < 1e-3, name  # type: ignore[union-attr]
