@@ -883,7 +883,7 @@ class HyperOptimizer(Optimizer):
         per_value = fm.split(vector)
         natural: list[dict[str, list[Tensor]]] = [
             {
-                name: [per_value[Column(g, name, j)] for j in range(len(lv.phi))]
+                name: [per_value[Column(g, name, j)].to(phi.device) for j, phi in enumerate(lv.phi)]
                 for name, lv in learned.items()
             }
             for g, learned in enumerate(self._learned)

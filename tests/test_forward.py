@@ -653,14 +653,27 @@ def test_sign_step_beside_any_optimizer_in_episodic_mode() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("how", ["autograd", "functional", "finite_difference"])
-def test_forward_float32_on_device_against_float64_oracle(device: str, how: str) -> None:
+@pytest.mark.parametrize(
+    ("how", "granularity"),
+    [
+        ("autograd", "scalar"),
+        ("functional", "scalar"),
+        ("finite_difference", "scalar"),
+        ("autograd", "tensor"),
+    ],
+)
+def test_forward_float32_on_device_against_float64_oracle(
+    device: str, how: str, granularity: str
+) -> None:
     """A float32 run (CPU or CUDA) matches the float64 oracle from the same point."""
     problem = oracle.mlp_problem(8, dtype=torch.float32, device=device)
-    opt = _make("sgd_momentum_wd", problem, steps=6, windows=2, how=how)
+    opt = _make("sgd_momentum_wd", problem, steps=6, windows=2, how=how, granularity=granularity)
     start = oracle.capture(opt).to(torch.float64)
     schedules = [
-        {k: v.double() for k, v in g.items()}  # type: ignore[union-attr]
+        {
+            k: v.double().cpu() if isinstance(v, Tensor) else [x.double().cpu() for x in v]
+            for k, v in g.items()
+        }
         for g in _schedules(opt)
     ]
     for _ in range(6):
@@ -668,5 +681,30 @@ def test_forward_float32_on_device_against_float64_oracle(device: str, how: str)
     twin = oracle.mlp_problem(8)
     want = oracle.schedule_hypergradients(start, twin, schedules, 6)[0]
     got = opt.hypergradients()[0]
-    for name in got:
-        assert _relative_error(got[name].double(), want[name]) < 1e-3, name  # type: ignore[union-attr]
+    for name, value in got.items():
+        values = [value] if isinstance(value, Tensor) else value
+        assert all(x.device.type == torch.device(device).type for x in values), name
+        cast = [x.double().cpu() for x in values]
+        error = _relative_error(cast if isinstance(value, list) else cast[0], want[name])
+        assert error < 1e-3, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("granularity", ["scalar", "tensor"])
+def test_forward_online_on_device(device: str, granularity: str) -> None:
+    """Online forward mode trains on the device: values move and stay finite there."""
+    problem = oracle.mlp_problem(9, dtype=torch.float32, device=device)
+    cls, kwargs, learn = CASES["adam"]
+    opt = cls(
+        problem.params, **kwargs, learn=learn, granularity=granularity, method="forward",
+        horizon=20, windows=2, update_interval=5,
+    )  # fmt: skip
+    before = opt.schedules()[0]["lr"]
+    for _ in range(20):
+        _step(opt, problem, "autograd")
+    after = opt.schedules()[0]["lr"]
+    assert opt.hyper_state["hyper_steps"] == 4
+    pairs = [(before, after)] if isinstance(after, Tensor) else zip(before, after, strict=True)
+    for b, a in pairs:
+        assert bool(torch.isfinite(a).all())
+        assert not torch.equal(a, b)

@@ -231,3 +231,36 @@ def test_tuning_ablation_runs(tmp_path: Path) -> None:
     # gives 5.1e-4 and plain Adam 3.8e-4 (against 8.8e-4), so a wrong setting still fails.
     assert summary["wine"]["0.002"]["median_test"] == pytest.approx(expected, rel=0.05)
     assert summary["wine"]["scalar"]["median_test"] == record["runs"]["ift_wd_lr_m"]["test_loss"]
+
+
+def test_long_horizon_benchmark_smoke(tmp_path: Path) -> None:
+    """``benchmarks/long_horizon.py --smoke``: every method on one seed of digits, 60 steps,
+    2 episodes; the summary, the episodes, the search trials and the figure are written."""
+    for module in ("sklearn", "matplotlib"):
+        pytest.importorskip(module)
+    out = tmp_path / "results"
+    script = str(ROOT / "benchmarks" / "long_horizon.py")
+    done = _run([script, "--smoke", "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "long_horizon.json").read_text())
+    assert list(summary["methods"]) == [
+        "fixed",
+        "greedy",
+        "ift",
+        "forward_online",
+        "forward_episodic",
+        "random_search",
+    ]
+    assert summary["methods"]["fixed"]["time_ratio_median"] == 1.0
+    assert summary["methods"]["forward_episodic"]["episode_ratio_median"] > 1.0
+    record = json.loads((out / "long_horizon_runs.jsonl").read_text().splitlines()[0])
+    episodes = record["runs"]["forward_episodic"]["episodes"]
+    assert [e["episode"] for e in episodes] == [0, 1]
+    assert len(episodes[0]["schedule"]["lr"]) == 3
+    assert episodes[0]["schedule"]["lr"] != episodes[1]["schedule"]["lr"], "the schedule moved"
+    assert record["runs"]["random_search"]["trials"], "random search ran no trial"
+    assert len(record["runs"]["forward_online"]["trajectory"]["lr"]) == 6
+    assert (out / "long_horizon_schedules.png").stat().st_size > 10_000
+    again = _run([script, "--smoke", "--out", str(out)], tmp_path)  # resumes: nothing to run
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len((out / "long_horizon_runs.jsonl").read_text().splitlines()) == 1

@@ -1,0 +1,394 @@
+"""Long horizons: forward-mode schedules against one-pass, greedy and random search.
+
+The reproduction harness (:mod:`tuning`) runs 2,000 steps; here every run is ``--steps``
+(default 10,000) minibatch steps of SGD on digits (scikit-learn's bundled copy: 1,078
+training, 360 validation and 360 test images), the same 50-unit MLP, batches of 64, and every
+method starts from the same hyperparameters (``START``).  Per seed, in one process, side by
+side:
+
+``fixed``
+    ``torch.optim.SGD`` at the start values: the cost unit.
+``greedy``, ``ift``
+    HyperSGD's one-pass methods (``K = 0`` and ``K = 4``, ``T = 10``), learning lr, momentum
+    and weight decay during the one run, as in the reproduction harness.
+``forward_online``
+    ``method="forward"``, ``mode="online"``: one run, ``--windows`` values per hyperparameter,
+    the current window's value stepped every 10 steps with Adam(0.05), tangents carried on.
+``forward_episodic``
+    ``mode="episodic"``, the paper's protocol: ``--episodes`` reruns of the whole horizon from
+    the same initial weights and batch order, the schedule stepped at each episode's end with
+    the paper's sign steps (``SignStep(lr=--outer-lr)``, halved on each sign flip).  The
+    reported result is the last episode's run.
+``random_search``
+    black-box search at equal compute: as many full ``fixed`` trainings, with values drawn
+    from the reproduction harness's ranges, as fit in ``forward_episodic``'s wall time; the
+    best final validation loss wins.  Every trial's time and losses are kept, to say how long
+    random search takes to match forward mode.
+
+Timings are ratios to ``fixed`` measured in the same process.  Results:
+``results/long_horizon_runs.jsonl`` (one record per seed, resumable),
+``results/long_horizon.json`` (summary), ``results/long_horizon.md`` (tables) and
+``results/long_horizon_schedules.png`` (the learned schedules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tuning  # noqa: E402  (the reproduction harness: data, model, batches, search ranges)
+
+RESULTS = tuning.RESULTS
+METHODS = ("fixed", "greedy", "ift", "forward_online", "forward_episodic", "random_search")
+START = {"lr": 0.003, "momentum": 0.5, "weight_decay": 1e-4}
+LEARNED = ("lr", "momentum", "weight_decay")
+
+
+@dataclass(frozen=True)
+class Setup:
+    steps: int = 10_000
+    windows: int = 5
+    episodes: int = 10
+    outer_lr: float = 0.5
+    batch_size: int = 64
+    update_interval: int = 10
+    neumann_steps: int = 4
+    record_every: int = 100
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class Result:
+    val_loss: float
+    test_loss: float
+    seconds: float
+    final: dict[str, float]
+    trajectory: dict[str, list[float]] = field(default_factory=dict)
+    episodes: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[dict[str, float]] = field(default_factory=list)
+
+
+def _values(opt: torch.optim.Optimizer) -> dict[str, float]:
+    group = opt.param_groups[0]
+    return {name: float(group[name]) for name in LEARNED}
+
+
+def train(
+    data: tuning.Data,
+    seed: int,
+    setup: Setup,
+    init: dict[str, float],
+    options: dict[str, Any] | None,
+    *,
+    episodes: int = 1,
+    record: bool = True,
+) -> Result:
+    """One run (or ``episodes`` reruns from the same start) of ``setup.steps`` steps.
+
+    ``options=None`` is torch's SGD; otherwise HyperSGD(**options).  Forward mode gets a
+    closure that leaves ``backward()`` to the optimizer, so its tangents take exact batched
+    Hessian-vector products by double backward; the one-pass methods get torch's ordinary
+    closure, as in the reproduction harness.
+    """
+    from hyperopt_optim import HyperSGD
+
+    model = tuning.make_model(data, seed)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fn = tuning.loss_fn(data)
+    forward = options is not None and options.get("method") == "forward"
+    opt: torch.optim.Optimizer
+    if options is None:
+        opt = torch.optim.SGD(model.parameters(), **init)
+    else:
+        hyper = HyperSGD(model.parameters(), **init, **options)
+        hyper.register_validation_closure(lambda: fn(model(data.x_val), data.y_val))
+        opt = hyper
+    trajectory: dict[str, list[float]] = {name: [] for name in ("step", *LEARNED)}
+    history: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for episode in range(episodes):
+        if episode:
+            model.load_state_dict(initial)
+        used = opt.schedules()[0] if forward and episodes > 1 else None  # type: ignore[attr-defined]
+        order = tuning.batches(len(data.x_train), setup.batch_size, seed)
+        for t in range(setup.steps):
+            index = next(order)
+            x, y = data.x_train[index], data.y_train[index]
+            if forward:
+
+                def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                    return fn(model(x), y)
+
+            else:
+
+                def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                    opt.zero_grad()
+                    loss = fn(model(x), y)
+                    loss.backward()
+                    return loss
+
+            opt.step(closure)
+            last = episode == episodes - 1
+            if record and last and (t + 1) % setup.record_every == 0:
+                trajectory["step"].append(t + 1)
+                for name, value in _values(opt).items():
+                    trajectory[name].append(value)
+        if episodes > 1:
+            val, test = tuning.evaluate(model, data)
+            assert used is not None
+            history.append(
+                {
+                    "episode": episode,
+                    "val_loss": val,
+                    "test_loss": test,
+                    "seconds": time.perf_counter() - start,
+                    "schedule": {k: [float(x) for x in v] for k, v in used.items()},  # type: ignore[union-attr]
+                }
+            )
+    seconds = time.perf_counter() - start
+    val, test = tuning.evaluate(model, data)
+    return Result(val, test, seconds, _values(opt), trajectory if record else {}, history)
+
+
+def random_search(data: tuning.Data, seed: int, setup: Setup, budget: float, base: float) -> Result:
+    """Full fixed-value trainings drawn from the harness's ranges until ``budget`` seconds
+    (at least one); the best validation loss wins."""
+    rng = np.random.default_rng([seed, 2])
+    trials: list[dict[str, float]] = []
+    best: Result | None = None
+    start = time.perf_counter()
+    count = max(1, round(budget / base))
+    for _ in range(count):
+        init = tuning.draw_hyperparameters(rng)
+        run = train(data, seed, setup, init, None, record=False)
+        trials.append(
+            {"seconds": time.perf_counter() - start, "val_loss": run.val_loss,
+             "test_loss": run.test_loss, **init}
+        )  # fmt: skip
+        if best is None or (math.isfinite(run.val_loss) and run.val_loss < best.val_loss):
+            best = run
+    assert best is not None
+    return Result(
+        best.val_loss, best.test_loss, time.perf_counter() - start, best.final, {}, [], trials
+    )
+
+
+def options_for(method: str, setup: Setup) -> dict[str, Any]:
+    from hyperopt_optim import SignStep
+
+    if method in ("greedy", "ift"):
+        return {
+            "learn": LEARNED,
+            "method": method,
+            "update_interval": setup.update_interval,
+            **({"neumann_steps": setup.neumann_steps, "hvp": "forward_difference"}
+               if method == "ift" else {}),
+        }  # fmt: skip
+    common = {
+        "learn": LEARNED,
+        "method": "forward",
+        "horizon": setup.steps,
+        "windows": setup.windows,
+    }
+    if method == "forward_online":
+        return {**common, "mode": "online", "update_interval": setup.update_interval}
+    outer = setup.outer_lr
+    return {
+        **common,
+        "mode": "episodic",
+        "hyper_optimizer": lambda params: SignStep(params, lr=outer),
+    }
+
+
+def run_seed(job: tuple[int, Setup, tuple[str, ...]]) -> dict[str, Any]:
+    seed, setup, methods = job
+    torch.set_num_threads(1)
+    data = tuning.load("digits")
+    warm = Setup(steps=20, windows=2, episodes=1)
+    train(data, 0, warm, START, options_for("forward_online", warm), record=False)
+    results: dict[str, Result] = {}
+    for method in METHODS:
+        if method not in methods and not (method == "fixed" and "random_search" in methods):
+            continue
+        if method == "fixed":
+            results[method] = train(data, seed, setup, START, None)
+        elif method == "random_search":
+            budget = results["forward_episodic"].seconds
+            results[method] = random_search(data, seed, setup, budget, results["fixed"].seconds)
+        else:
+            episodes = setup.episodes if method == "forward_episodic" else 1
+            results[method] = train(
+                data, seed, setup, START, options_for(method, setup), episodes=episodes
+            )
+    return {
+        "seed": seed,
+        "setup": setup.key(),
+        "runs": {m: asdict(r) for m, r in results.items()},
+    }
+
+
+# -- summary ---------------------------------------------------------------------------------
+
+
+def time_to_match(record: dict[str, Any]) -> float | None:
+    """Seconds random search needed for a best validation loss at or below forward mode's
+    (episodic) final one, as a ratio to forward mode's seconds; ``None`` if never within
+    its budget."""
+    target = record["runs"]["forward_episodic"]["val_loss"]
+    seconds = record["runs"]["forward_episodic"]["seconds"]
+    best = math.inf
+    for trial in record["runs"]["random_search"]["trials"]:
+        best = min(best, trial["val_loss"])
+        if best <= target:
+            return float(trial["seconds"]) / seconds
+    return None
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    methods = [m for m in METHODS if all(m in r["runs"] for r in records)]
+    out: dict[str, Any] = {"seeds": len(records), "methods": {}}
+    for m in methods:
+        tests = [r["runs"][m]["test_loss"] for r in records]
+        vals = [r["runs"][m]["val_loss"] for r in records]
+        ratios = [r["runs"][m]["seconds"] / r["runs"]["fixed"]["seconds"] for r in records]
+        out["methods"][m] = {
+            "test_median": statistics.median(tests),
+            "val_median": statistics.median(vals),
+            "test": tests,
+            "time_ratio_median": statistics.median(ratios),
+        }
+        if m == "forward_episodic":
+            per_episode = [
+                r["runs"][m]["seconds"] / len(r["runs"][m]["episodes"])
+                / r["runs"]["fixed"]["seconds"]
+                for r in records
+            ]  # fmt: skip
+            out["methods"][m]["episode_ratio_median"] = statistics.median(per_episode)
+        if m == "random_search":
+            out["methods"][m]["trials_median"] = statistics.median(
+                len(r["runs"][m]["trials"]) for r in records
+            )
+    if "random_search" in methods and "forward_episodic" in methods:
+        out["random_search_time_to_match"] = [time_to_match(r) for r in records]
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| method | median test loss | median val loss | wall time / fixed |",
+        "|---|---:|---:|---:|",
+    ]
+    for m, s in summary["methods"].items():
+        lines.append(
+            f"| {m} | {s['test_median']:.4g} | {s['val_median']:.4g} | "
+            f"{s['time_ratio_median']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    record = records[0]
+    runs = record["runs"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, name in zip(axes, LEARNED, strict=True):
+        for m, style in (("greedy", ":"), ("ift", "--"), ("forward_online", "-")):
+            if m in runs and runs[m]["trajectory"]:
+                traj = runs[m]["trajectory"]
+                ax.plot(traj["step"], traj[name], style, label=m)
+        if "forward_episodic" in runs:
+            episodes = runs["forward_episodic"]["episodes"]
+            steps = len(runs["forward_episodic"]["trajectory"]["step"]) * 0 + 1
+            del steps
+            for e in episodes:
+                sched = e["schedule"][name]
+                n = len(sched)
+                edges = np.linspace(0, runs["forward_episodic"]["trajectory"]["step"][-1], n + 1)
+                shade = 0.2 + 0.8 * (e["episode"] + 1) / len(episodes)
+                ax.stairs(
+                    sched, edges, color=(0.8 * (1 - shade), 0.2, shade),
+                    label="forward_episodic (by episode)" if e["episode"] == len(episodes) - 1
+                    else None,
+                )  # fmt: skip
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if name != "momentum":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"digits, {record['seed']=}: learned schedules over the horizon")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=Setup.steps)
+    parser.add_argument("--windows", type=int, default=Setup.windows)
+    parser.add_argument("--episodes", type=int, default=Setup.episodes)
+    parser.add_argument("--outer-lr", type=float, default=Setup.outer_lr)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true", help="1 seed, 60 steps, 2 episodes")
+    args = parser.parse_args(argv)
+    setup = Setup(args.steps, args.windows, args.episodes, args.outer_lr)
+    if args.smoke:
+        setup = Setup(steps=60, windows=3, episodes=2, record_every=10)
+        args.seeds = 1
+    if "random_search" in args.methods and "forward_episodic" not in args.methods:
+        parser.error("random_search's budget is forward_episodic's time: run both")
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "long_horizon_runs.jsonl"
+    done: dict[int, dict[str, Any]] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            if record["setup"] == setup.key():
+                done[record["seed"]] = record
+    methods = tuple(args.methods)
+    jobs = [(s, setup, methods) for s in range(args.seeds) if s not in done]
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        for record in pool.imap_unordered(run_seed, jobs):
+            with log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            done[record["seed"]] = record
+            print(f"seed {record['seed']} done", flush=True)
+    records = [done[s] for s in sorted(done) if s < args.seeds]
+    summary = summarise(records)
+    summary["setup"] = asdict(setup)
+    summary["start"] = START
+    summary["machine"] = tuning.machine()
+    summary["started"] = started
+    (args.out / "long_horizon.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = [f"# Long horizons: digits, {setup.steps} steps, {len(records)} seeds", "", table(summary)]
+    if "random_search_time_to_match" in summary:
+        md += ["", f"random search time to match forward_episodic (ratio): "
+               f"{summary['random_search_time_to_match']}"]  # fmt: skip
+    (args.out / "long_horizon.md").write_text("\n".join(md) + "\n")
+    plot(records, args.out / "long_horizon_schedules.png")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
