@@ -41,7 +41,6 @@ import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tuning  # noqa: E402  (the reproduction harness: data, model, batches, search ranges)
+import tuning
 
 RESULTS = tuning.RESULTS
 METHODS = ("fixed", "greedy", "ift", "forward_online", "forward_episodic", "random_search")
@@ -298,7 +297,7 @@ def table(summary: dict[str, Any]) -> str:
     for m, s in summary["methods"].items():
         lines.append(
             f"| {m} | {s['test_median']:.4g} | {s['val_median']:.4g} | "
-            f"{s['time_ratio_median']:.2f}× |"
+            f"{s['time_ratio_median']:.2f}x |"
         )
     return "\n".join(lines)
 

@@ -27,7 +27,10 @@ class HyperSGD(HyperOptimizer):
     Every ``update_interval`` steps the values named in ``learn`` take one step of the
     hyper-optimizer along the hypergradient of the validation loss (``method="ift"``:
     Clarke et al. 2022, arXiv 2110.10461; ``"greedy"``: its ``K = 0`` case) or of the next
-    training loss (``"hd"``: Baydin et al. 2018, arXiv 1703.04782).
+    training loss (``"hd"``: Baydin et al. 2018, arXiv 1703.04782).  ``method="forward"``
+    (Micaelli & Storkey 2021, arXiv 2007.07869) learns a schedule of ``windows`` values per
+    name over ``horizon`` steps with exact forward-mode hypergradients (online, or episodic
+    with the schedule stepped at the end of each rerun).
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
@@ -48,7 +51,7 @@ class HyperSGD(HyperOptimizer):
             parameter tensor) or ``"element"`` (one per weight) (default: ``"scalar"``); or
             a mapping ``{name: granularity}`` for different granularities per learned name,
             e.g. ``{"lr": "element"}`` (names left out are ``"scalar"``).
-        method: ``"ift"``, ``"greedy"`` or ``"hd"`` (default: ``"ift"``).
+        method: ``"ift"``, ``"greedy"``, ``"hd"`` or ``"forward"`` (default: ``"ift"``).
         neumann_steps: ``K``, the terms of the Neumann series after the first (default: 4
             for ``"ift"``; must be 0 for the others).
         update_interval: ``T``, steps between hyper-steps (default: 10; 1 for ``"hd"``).
@@ -63,6 +66,13 @@ class HyperSGD(HyperOptimizer):
             optimizer, else central differences (default: ``"auto"``).
         bounds: ``{name: (low, high)}`` in natural units, overriding the defaults
             (lr [1e-8, 10], weight decay [1e-10, 10], momentum [1e-6, 1 - 1e-6]).
+        horizon: ``method="forward"`` only, required: the steps of the run (online) or of
+            each episode (episodic).
+        windows: ``method="forward"`` only: values per learned name over the horizon; step
+            ``t`` uses value ``⌊windows·t/horizon⌋`` (default: ``min(10, horizon)``).
+        mode: ``method="forward"`` only: ``"online"`` (default) or ``"episodic"``.
+        clamps: ``method="forward"`` only: ``{"grad": c, "tangent": c}``, the paper's clamps
+            of the training gradient and of each Hessian-tangent product (default: none).
 
     Example:
         >>> import torch
@@ -94,6 +104,29 @@ class HyperSGD(HyperOptimizer):
         ...     _ = opt.step(closure, val_closure=val_closure)
         >>> sorted(opt.hyperparameters()[0])
         ['lr', 'momentum', 'weight_decay']
+
+        Forward mode, episodic: a schedule of 4 learning rates over 20-step episodes, rerun
+        from the same weights; the whole schedule steps after each episode.
+
+        >>> init = {k: v.clone() for k, v in model.state_dict().items()}
+        >>> opt = HyperSGD(
+        ...     model.parameters(),
+        ...     lr=0.01,
+        ...     momentum=0.9,
+        ...     learn="lr",
+        ...     method="forward",
+        ...     horizon=20,
+        ...     windows=4,
+        ...     mode="episodic",
+        ... )
+        >>> def train_loss():  # no backward(): exact batched Hessian-vector products
+        ...     return torch.nn.functional.mse_loss(model(x), y)
+        >>> for episode in range(3):
+        ...     _ = model.load_state_dict(init)
+        ...     for _ in range(20):
+        ...         _ = opt.step(train_loss, val_closure=val_closure)
+        >>> tuple(opt.schedules()[0]["lr"].shape), tuple(opt.hypergradients()[0]["lr"].shape)
+        ((4,), (4,))
     """
 
     rule = SGDRule()
