@@ -286,7 +286,34 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             )
     if "random_search" in methods and "forward_episodic" in methods:
         out["random_search_time_to_match"] = [time_to_match(r) for r in records]
+    if "random_search" in methods and "forward_online" in methods:
+        prefix = [search_prefix(r, "forward_online") for r in records]
+        out["random_search_at_online_budget"] = {
+            "trials": [p["trials"] for p in prefix],
+            "test_median": statistics.median(p["test_loss"] for p in prefix),
+            "val_median": statistics.median(p["val_loss"] for p in prefix),
+        }
+    if "forward_episodic" in methods:
+        curves = [r["runs"]["forward_episodic"]["episodes"] for r in records]
+        out["episodes"] = [
+            {
+                "episode": e,
+                "test_median": statistics.median(c[e]["test_loss"] for c in curves),
+                "val_median": statistics.median(c[e]["val_loss"] for c in curves),
+            }
+            for e in range(min(len(c) for c in curves))
+        ]
     return out
+
+
+def search_prefix(record: dict[str, Any], method: str) -> dict[str, float]:
+    """Random search cut at ``method``'s compute: the best of the first
+    ``round(time(method) / time(fixed))`` trials (at least one)."""
+    runs = record["runs"]
+    count = max(1, round(runs[method]["seconds"] / runs["fixed"]["seconds"]))
+    trials = runs["random_search"]["trials"][:count]
+    best = min(trials, key=lambda t: t["val_loss"] if math.isfinite(t["val_loss"]) else math.inf)
+    return {"trials": len(trials), "test_loss": best["test_loss"], "val_loss": best["val_loss"]}
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -315,15 +342,13 @@ def plot(records: list[dict[str, Any]], out: Path) -> None:
                 ax.plot(traj["step"], traj[name], style, label=m)
         if "forward_episodic" in runs:
             episodes = runs["forward_episodic"]["episodes"]
-            steps = len(runs["forward_episodic"]["trajectory"]["step"]) * 0 + 1
-            del steps
+            horizon = runs["forward_episodic"]["trajectory"]["step"][-1]
             for e in episodes:
                 sched = e["schedule"][name]
-                n = len(sched)
-                edges = np.linspace(0, runs["forward_episodic"]["trajectory"]["step"][-1], n + 1)
+                edges = np.linspace(0, horizon, len(sched) + 1)
                 shade = 0.2 + 0.8 * (e["episode"] + 1) / len(episodes)
                 ax.stairs(
-                    sched, edges, color=(0.8 * (1 - shade), 0.2, shade),
+                    sched, edges, baseline=None, color=(0.8 * (1 - shade), 0.2, shade),
                     label="forward_episodic (by episode)" if e["episode"] == len(episodes) - 1
                     else None,
                 )  # fmt: skip
@@ -332,7 +357,10 @@ def plot(records: list[dict[str, Any]], out: Path) -> None:
         if name != "momentum":
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"digits, {record['seed']=}: learned schedules over the horizon")
+    fig.suptitle(
+        f"digits, seed {record['seed']}: values over the horizon (episodic: the schedule each "
+        "episode used, darker = later)"
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -381,6 +409,19 @@ def main(argv: list[str] | None = None) -> None:
     summary["started"] = started
     (args.out / "long_horizon.json").write_text(json.dumps(summary, indent=2) + "\n")
     md = [f"# Long horizons: digits, {setup.steps} steps, {len(records)} seeds", "", table(summary)]
+    if "episodes" in summary:
+        md += ["", "| episode | median test loss | median val loss |", "|---:|---:|---:|"]
+        md += [
+            f"| {e['episode']} | {e['test_median']:.4g} | {e['val_median']:.4g} |"
+            for e in summary["episodes"]
+        ]
+    if "random_search_at_online_budget" in summary:
+        online = summary["random_search_at_online_budget"]
+        md += [
+            "",
+            f"random search at forward_online's compute ({online['trials']} trials): median "
+            f"test {online['test_median']:.4g}, val {online['val_median']:.4g}",
+        ]
     if "random_search_time_to_match" in summary:
         md += ["", f"random search time to match forward_episodic (ratio): "
                f"{summary['random_search_time_to_match']}"]  # fmt: skip
