@@ -757,6 +757,9 @@ class HyperOptimizer(Optimizer):
             loss, graph = self._evaluate(closure, graph_wanted)
 
         views = [self._gather(i) for i in range(len(self.param_groups))]
+        # the gradient at w_t, unclipped (forward differences subtract it); finite differences'
+        # closure calls may overwrite .grad, even in place, so the update uses copies
+        raw_grads = [g.detach().clone() for view in views for g in view[2]]
         if fm.grad_clamp is not None:
             with torch.no_grad():
                 masks = [[g.abs() < fm.grad_clamp for g in view[2]] for view in views]
@@ -786,7 +789,7 @@ class HyperOptimizer(Optimizer):
         directions = [
             fm.tangents[i][j][PARAM][:active] for i, view in enumerate(views) for j in view[0]
         ]
-        step_grads = [g.detach().clone() for view in views for g in view[2]]
+        step_grads = [g.detach().clone() for view in views for g in view[2]]  # clipped, if so
         try:
             if functional is not None:
                 position = {id(p): n for n, p in enumerate(live_all)}
@@ -806,7 +809,7 @@ class HyperOptimizer(Optimizer):
                 provider_fd = FiniteDifferenceHVP(
                     live,
                     [p.detach().clone() for p in live],
-                    step_grads,
+                    raw_grads,
                     lambda: self._closure_gradient(closure, live),
                     central=self._resolved_hvp != "forward_difference",
                 )
@@ -832,7 +835,10 @@ class HyperOptimizer(Optimizer):
                 )
                 start += len(params)
                 self._add_sources(i, indices, jac, entries, window)
-            for i, (indices, params, grads_i, state) in enumerate(views):
+            start = 0
+            for i, (indices, params, _, state) in enumerate(views):
+                grads_i = step_grads[start : start + len(params)]
+                start += len(params)
                 self._update(i, indices, params, grads_i, state)
         self._counters["step"] = t + 1
 

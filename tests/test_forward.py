@@ -353,7 +353,7 @@ def test_tangent_memory_is_m_times_state_and_flat_over_the_horizon() -> None:
 # --- modes -----------------------------------------------------------------------------------
 
 
-def _quadratic_run(mode: str, steps: int, **kwargs: Any) -> tuple[HyperSGD, Callable[[], Tensor]]:
+def _quadratic_run(mode: str, **kwargs: Any) -> tuple[HyperSGD, Callable[[], Tensor]]:
     torch.manual_seed(1)
     w = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     target = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
@@ -368,7 +368,7 @@ def _quadratic_run(mode: str, steps: int, **kwargs: Any) -> tuple[HyperSGD, Call
 def test_online_mode_learns_the_current_window_and_records_the_schedule() -> None:
     """Online: the current window's value steps every update_interval steps (a too-small lr
     on a quadratic grows); windows not reached keep their start; tangents carry on."""
-    opt, loss = _quadratic_run("online", 0, horizon=40, windows=4, update_interval=5)
+    opt, loss = _quadratic_run("online", horizon=40, windows=4, update_interval=5)
     start = float(opt.param_groups[0]["lr"])
     for _ in range(20):
         opt.step(loss, val_closure=loss)
@@ -388,7 +388,7 @@ def test_online_mode_learns_the_current_window_and_records_the_schedule() -> Non
 
 
 def test_online_mode_runs_past_the_horizon_in_the_last_window() -> None:
-    opt, loss = _quadratic_run("online", 0, horizon=10, windows=2, update_interval=5)
+    opt, loss = _quadratic_run("online", horizon=10, windows=2, update_interval=5)
     for _ in range(30):
         opt.step(loss, val_closure=loss)
     assert opt.hyper_state["hyper_steps"] == 6
@@ -470,7 +470,7 @@ def test_frozen_forward_mode_trains_exactly_as_torch() -> None:
 
 
 def test_non_finite_validation_loss_skips_and_keeps_the_schedule() -> None:
-    opt, loss = _quadratic_run("online", 0, horizon=10, windows=2, update_interval=2)
+    opt, loss = _quadratic_run("online", horizon=10, windows=2, update_interval=2)
     before = opt.schedules()[0]["lr"].clone()  # type: ignore[union-attr]
     opt.step(loss, val_closure=lambda: loss() * float("nan"))
     with pytest.warns(RuntimeWarning, match="validation loss is nan"):
@@ -480,7 +480,7 @@ def test_non_finite_validation_loss_skips_and_keeps_the_schedule() -> None:
 
 
 def test_non_finite_tangents_restart_from_zero() -> None:
-    opt, loss = _quadratic_run("online", 0, horizon=10, windows=2, update_interval=2)
+    opt, loss = _quadratic_run("online", horizon=10, windows=2, update_interval=2)
     for _ in range(1):
         opt.step(loss, val_closure=loss)
     assert opt._forward.tangents is not None
@@ -639,7 +639,7 @@ def test_sign_step_maximize_and_checks() -> None:
 def test_sign_step_beside_any_optimizer_in_episodic_mode() -> None:
     """The outer update is a choice: Adam on the schedule works the same way."""
     opt, loss = _quadratic_run(
-        "episodic", 0, horizon=10, windows=2,
+        "episodic", horizon=10, windows=2,
         hyper_optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
     )  # fmt: skip
     assert isinstance(opt.hyper_optimizer, torch.optim.Adam)
@@ -708,3 +708,48 @@ def test_forward_online_on_device(device: str, granularity: str) -> None:
     for b, a in pairs:
         assert bool(torch.isfinite(a).all())
         assert not torch.equal(a, b)
+
+
+def test_finite_differences_leave_the_step_gradient_alone() -> None:
+    """A closure that zeroes ``.grad`` in place (``set_to_none=False``) is called again by the
+    finite differences; the update still uses this step's gradient, so the weights follow
+    the run with exact products."""
+    runs = []
+    for how in ("autograd", "in_place"):
+        problem = oracle.mlp_problem(10)
+        opt = _make("sgd_momentum_wd", problem, steps=5, windows=2, horizon=50)
+        for _ in range(5):
+            if how == "autograd":
+                opt.step(problem.closure, val_closure=problem.val_closure)
+            else:
+
+                def closure(opt: HyperOptimizer = opt, problem: oracle.Problem = problem) -> Tensor:
+                    opt.zero_grad(set_to_none=False)
+                    loss = problem.train_loss(problem.params)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure, val_closure=problem.val_closure)
+        runs.append([p.detach().clone() for p in problem.params])
+    for a, b in zip(*runs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+def test_forward_differences_with_the_gradient_clamp() -> None:
+    """With the clamp binding, tangents by forward differences of torch's closure agree with
+    exact ones (the clamp's zero derivative masks the products where it binds)."""
+    results = []
+    for how in ("autograd", "forward_difference"):
+        problem = oracle.mlp_problem(4)
+        opt = _make("sgd_momentum_wd", problem, steps=8, windows=2, clamps={"grad": 0.05})
+        if how == "forward_difference":
+            opt.hvp = opt._resolved_hvp = "forward_difference"
+            closure = problem.torch_closure(opt)
+        else:
+            closure = problem.closure
+        for _ in range(8):
+            opt.step(closure, val_closure=problem.val_closure)
+        results.append(opt.hypergradients()[0])
+    for name in results[0]:
+        # forward differences: about u^(1/2) relative per product
+        assert _relative_error(results[1][name], results[0][name]) < 1e-4, name
