@@ -106,19 +106,11 @@ def train(
     Hessian-vector products by double backward; the one-pass methods get torch's ordinary
     closure, as in the reproduction harness.
     """
-    from hyperopt_optim import HyperSGD
-
     model = tuning.make_model(data, seed)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fn = tuning.loss_fn(data)
     forward = options is not None and options.get("method") == "forward"
-    opt: torch.optim.Optimizer
-    if options is None:
-        opt = torch.optim.SGD(model.parameters(), **init)
-    else:
-        hyper = HyperSGD(model.parameters(), **init, **options)
-        hyper.register_validation_closure(lambda: fn(model(data.x_val), data.y_val))
-        opt = hyper
+    opt = tuning.make_optimizer(model, data, init, options)
     trajectory: dict[str, list[float]] = {name: [] for name in ("step", *LEARNED)}
     history: list[dict[str, Any]] = []
     start = time.perf_counter()

@@ -263,6 +263,21 @@ def group_values(opt: torch.optim.Optimizer) -> dict[str, float]:
     return {name: float(group[name]) for name in LEARNED}
 
 
+def make_optimizer(
+    model: nn.Module, data: Data, init: dict[str, float], options: dict[str, Any] | None
+) -> torch.optim.Optimizer:
+    """``options=None``: torch.optim.SGD at ``init``; else HyperSGD(**init, **options) with the
+    full validation set as its validation closure."""
+    from hyperopt_optim import HyperSGD
+
+    if options is None:
+        return torch.optim.SGD(model.parameters(), **init)
+    fn = loss_fn(data)
+    hyper = HyperSGD(model.parameters(), **init, **options)
+    hyper.register_validation_closure(lambda: fn(model(data.x_val), data.y_val))
+    return hyper
+
+
 def train_torch_or_hyper(
     data: Data,
     seed: int,
@@ -272,17 +287,9 @@ def train_torch_or_hyper(
     record: bool,
 ) -> Run:
     """``options=None``: torch.optim.SGD with ``init`` kept; else HyperSGD(**options)."""
-    from hyperopt_optim import HyperSGD
-
     model = make_model(data, seed)
     fn = loss_fn(data)
-    opt: torch.optim.Optimizer
-    if options is None:
-        opt = torch.optim.SGD(model.parameters(), **init)
-    else:
-        hyper = HyperSGD(model.parameters(), **init, **options)
-        hyper.register_validation_closure(lambda: fn(model(data.x_val), data.y_val))
-        opt = hyper
+    opt = make_optimizer(model, data, init, options)
     order = batches(len(data.x_train), config.batch_size, seed)
     trajectory: dict[str, list[float]] = {name: [] for name in ("step", *LEARNED)}
     start = time.perf_counter()
