@@ -872,20 +872,52 @@ class HyperOptimizer(Optimizer):
                 for block in jac.outputs:
                     entries[n][block][base + v].add_(jac.hyper[block][column.name][n])
 
-    def _forward_hyper_step(self, val_closure: Closure, window: int) -> None:
+    def compute_hypergradients(
+        self, val_closure: Closure | None = None
+    ) -> list[dict[str, Tensor | list[Tensor]]]:
+        """``method="forward"``: the hypergradients now, without a hyper-step.
+
+        ``dL_V/dλ_k`` at the current weights for every window ``k``, through every step of the
+        episode (online: of the run) so far, shaped like :meth:`hypergradients` (which
+        returns them from now on).  Windows not reached yet have zeros.
+
+        Args:
+            val_closure: the validation loss; defaults to the registered one.
+        """
         fm = self._forward
-        assert fm is not None and fm.tangents is not None
+        if fm is None:
+            raise RuntimeError(
+                f"compute_hypergradients() needs method='forward', not {self.method!r}"
+            )
+        val_closure = val_closure if val_closure is not None else self._validation_closure
+        if val_closure is None or not callable(val_closure):
+            raise ValueError(
+                "compute_hypergradients() needs a validation closure: pass one or register it"
+            )
+        self._forward_natural(val_closure)
+        return self.hypergradients()
+
+    def _forward_natural(self, val_closure: Closure) -> list[dict[str, list[Tensor]]] | None:
+        """``∇L_V · Z`` per value and window, recorded as the last hypergradients; ``None``
+        (and the tangents restart) when it is not finite."""
+        fm = self._forward
+        assert fm is not None
+        if fm.tangents is None:
+            return [
+                {k: [torch.zeros_like(x) for x in v] for k, v in g.items()}
+                for g in self._last_hypergradients
+            ]
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         grads = self._validation_gradient(val_closure, params)
         if grads is None:
-            return
+            return None
         by_param = {id(p): g for p, g in zip(params, grads, strict=True)}
         val_grads = [[by_param.get(id(p)) for p in group["params"]] for group in self.param_groups]
         vector = fm.hypergradient(val_grads)
         if not bool(torch.isfinite(vector).all()):
             self._skip("a hypergradient is not finite (the tangents restart from zero)")
             fm.zero_tangents()
-            return
+            return None
         per_value = fm.split(vector)
         natural: list[dict[str, list[Tensor]]] = [
             {
@@ -897,6 +929,14 @@ class HyperOptimizer(Optimizer):
         self._last_hypergradients = [
             {k: [x.clone() for x in v] for k, v in g.items()} for g in natural
         ]
+        return natural
+
+    def _forward_hyper_step(self, val_closure: Closure, window: int) -> None:
+        fm = self._forward
+        assert fm is not None
+        natural = self._forward_natural(val_closure)
+        if natural is None:
+            return
         if fm.mode == "online":
             current = [{k: [x[window] for x in v] for k, v in g.items()} for g in natural]
             if self._step_learned(current, record=False):

@@ -136,7 +136,7 @@ def _forward_and_oracle(
     for _ in range(steps):
         _step(opt, problem, how)
     if horizon is not None and horizon > steps:  # no episode end yet: read the tangents now
-        opt._forward_hyper_step(problem.val_closure, opt._forward.window())
+        opt.compute_hypergradients(problem.val_closure)
     want = oracle.schedule_hypergradients(start, problem, schedules, steps, horizon)
     return opt.hypergradients(), want
 
@@ -594,6 +594,29 @@ def test_loss_fn_is_for_forward_mode_only() -> None:
 def test_schedules_needs_forward_mode() -> None:
     with pytest.raises(RuntimeError, match="needs method='forward'"):
         HyperSGD(_w(), lr=0.1).schedules()
+    with pytest.raises(RuntimeError, match="needs method='forward'"):
+        HyperSGD(_w(), lr=0.1).compute_hypergradients(lambda: torch.zeros(()))
+
+
+def test_compute_hypergradients_mid_episode_takes_no_hyper_step() -> None:
+    """Mid-episode, the hypergradients at the current weights, without moving anything."""
+    problem = oracle.mlp_problem(11)
+    opt = _make("sgd_momentum_wd", problem, steps=4, windows=2, horizon=8)
+    assert all(
+        bool((x == 0).all()) for x in opt.compute_hypergradients(problem.val_closure)[0].values()
+    )  # type: ignore[union-attr]
+    before = _schedules(opt)
+    for _ in range(4):
+        _step(opt, problem, "autograd")
+    got = opt.compute_hypergradients(problem.val_closure)[0]
+    assert opt.hyper_state["hyper_steps"] == 0
+    assert float(got["lr"][0]) != 0  # type: ignore[index]
+    assert bool((got["lr"][1:] == 0).all())  # type: ignore[index]
+    for name in got:
+        assert torch.equal(opt.schedules()[0][name], before[0][name])  # type: ignore[arg-type]
+    assert torch.equal(opt.hypergradients()[0]["lr"], got["lr"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs a validation closure"):
+        HyperSGD(_w(), lr=0.1, method="forward", horizon=3).compute_hypergradients()
 
 
 def test_new_param_group_mid_episode_is_refused() -> None:
