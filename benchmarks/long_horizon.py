@@ -17,8 +17,10 @@ side:
 ``forward_episodic``
     ``mode="episodic"``, the paper's protocol: ``--episodes`` reruns of the whole horizon from
     the same initial weights and batch order, the schedule stepped at each episode's end with
-    the paper's sign steps (``SignStep(lr=--outer-lr)``, halved on each sign flip).  The
-    reported result is the last episode's run.
+    the paper's sign steps (``SignStep(lr=--outer-lr)``, halved on each sign flip), and
+    HyperSGD's default backtracking (an episode that ends worse than the best goes back to
+    the best schedule with halved steps; ``--no-backtrack``: the paper's steps regardless).
+    The reported result is the last episode's run.
 ``random_search``
     black-box search at equal compute: as many full ``fixed`` trainings, with values drawn
     from the reproduction harness's ranges, as fit in ``forward_episodic``'s wall time; the
@@ -64,6 +66,7 @@ class Setup:
     windows: int = 5
     episodes: int = 10
     outer_lr: float = 0.5
+    backtrack: bool = True
     batch_size: int = 64
     update_interval: int = 10
     neumann_steps: int = 4
@@ -205,6 +208,7 @@ def options_for(method: str, setup: Setup) -> dict[str, Any]:
         **common,
         "mode": "episodic",
         "hyper_optimizer": lambda params: SignStep(params, lr=outer),
+        "backtrack": setup.backtrack,
     }
 
 
@@ -365,15 +369,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=Setup.windows)
     parser.add_argument("--episodes", type=int, default=Setup.episodes)
     parser.add_argument("--outer-lr", type=float, default=Setup.outer_lr)
+    parser.add_argument(
+        "--no-backtrack",
+        action="store_true",
+        help="episodic: the paper's sign steps whatever the episode's loss (outputs named "
+        "long_horizon_no_backtrack.*)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="1 seed, 60 steps, 2 episodes")
     args = parser.parse_args(argv)
-    setup = Setup(args.steps, args.windows, args.episodes, args.outer_lr)
+    setup = Setup(args.steps, args.windows, args.episodes, args.outer_lr, not args.no_backtrack)
     if args.smoke:
         setup = Setup(steps=60, windows=3, episodes=2, record_every=10)
         args.seeds = 1
+    name = "long_horizon" if setup.backtrack else "long_horizon_no_backtrack"
     if "random_search" in args.methods and "forward_episodic" not in args.methods:
         parser.error("random_search's budget is forward_episodic's time: run both")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -399,8 +410,11 @@ def main(argv: list[str] | None = None) -> None:
     summary["start"] = START
     summary["machine"] = tuning.machine()
     summary["started"] = started
-    (args.out / "long_horizon.json").write_text(json.dumps(summary, indent=2) + "\n")
-    md = [f"# Long horizons: digits, {setup.steps} steps, {len(records)} seeds", "", table(summary)]
+    (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    title = f"# Long horizons: digits, {setup.steps} steps, {len(records)} seeds"
+    if not setup.backtrack:
+        title += " (episodic without backtracking: the paper's steps)"
+    md = [title, "", table(summary)]
     if "episodes" in summary:
         md += ["", "| episode | median test loss | median val loss |", "|---:|---:|---:|"]
         md += [
@@ -417,8 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     if "random_search_time_to_match" in summary:
         md += ["", f"random search time to match forward_episodic (ratio): "
                f"{summary['random_search_time_to_match']}"]  # fmt: skip
-    (args.out / "long_horizon.md").write_text("\n".join(md) + "\n")
-    plot(records, args.out / "long_horizon_schedules.png")
+    (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
+    plot(records, args.out / f"{name}_schedules.png")
     print("\n".join(md))
 
 

@@ -83,6 +83,7 @@ class HyperAdam(HyperOptimizer):
         windows: int | None = None,
         mode: str | None = None,
         clamps: Mapping[str, float] | None = None,
+        backtrack: bool | None = None,
     ) -> None:
         for name, flag in (
             ("amsgrad", amsgrad),
@@ -131,6 +132,7 @@ class HyperAdam(HyperOptimizer):
             windows=windows,
             mode=mode,
             clamps=clamps,
+            backtrack=backtrack,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:
@@ -207,6 +209,7 @@ class HyperAdamW(HyperAdam):
         windows: int | None = None,
         mode: str | None = None,
         clamps: Mapping[str, float] | None = None,
+        backtrack: bool | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
@@ -215,4 +218,5 @@ class HyperAdamW(HyperAdam):
             learn=learn, granularity=granularity, method=method, neumann_steps=neumann_steps,
             update_interval=update_interval, hyper_optimizer=hyper_optimizer, hvp=hvp,
             bounds=bounds, horizon=horizon, windows=windows, mode=mode, clamps=clamps,
+            backtrack=backtrack,
         )  # fmt: skip

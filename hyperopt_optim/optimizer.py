@@ -129,6 +129,7 @@ class HyperOptimizer(Optimizer):
         windows: int | None = None,
         mode: str | None = None,
         clamps: Mapping[str, float] | None = None,
+        backtrack: bool | None = None,
     ) -> None:
         self.learn = _check_learn(learn, self.rule.learnable)
         self.granularity = _check_granularity(granularity, self.learn)
@@ -136,7 +137,7 @@ class HyperOptimizer(Optimizer):
         self.hvp = _check_choice("hvp", hvp, HVP_PROVIDERS)
         self.neumann_steps = _check_neumann_steps(neumann_steps, method)
         self._forward: ForwardMode | None = _check_forward(
-            method, self.granularity, horizon, windows, mode, update_interval, clamps
+            method, self.granularity, horizon, windows, mode, update_interval, clamps, backtrack
         )
         if self._forward is not None and self._forward.mode == "episodic":
             update_interval = self._forward.horizon
@@ -934,6 +935,8 @@ class HyperOptimizer(Optimizer):
     def _forward_hyper_step(self, val_closure: Closure, window: int) -> None:
         fm = self._forward
         assert fm is not None
+        if fm.mode == "episodic" and fm.backtrack and self._backtracked(val_closure):
+            return
         natural = self._forward_natural(val_closure)
         if natural is None:
             return
@@ -942,6 +945,12 @@ class HyperOptimizer(Optimizer):
             if self._step_learned(current, record=False):
                 self._record_window(window)
             return
+        if fm.backtrack:
+            fm.best_natural = natural
+        self._step_schedules(natural)
+
+    def _step_schedules(self, natural: list[dict[str, list[Tensor]]]) -> None:
+        """Episodic: chain each window's ``dL/dλ`` into ``φ`` and step the whole schedule."""
         assert self.hyper_optimizer is not None
         for learned, schedules, grads_g in zip(
             self._learned, self._schedules, natural, strict=True
@@ -961,6 +970,51 @@ class HyperOptimizer(Optimizer):
                     for sched in schedules[name]:
                         sched.clamp_(lo, hi)
         self._counters["hyper_steps"] += 1
+
+    def _backtracked(self, val_closure: Closure) -> bool:
+        """Episodic backtracking: an episode whose final validation loss is not finite or not
+        below the best episode's so far sends the schedule back to that episode's, halves the
+        outer steps and steps again from there along that episode's hypergradient (a
+        backtracking line search; no episode is spent rerunning the best schedule).  Else
+        this episode's schedule becomes the best and ``False`` lets the step proceed."""
+        fm = self._forward
+        assert fm is not None
+        with torch.no_grad():
+            loss = float(val_closure().detach())
+        best = fm.best_loss
+        if math.isfinite(loss) and (best is None or loss < best):
+            fm.best_loss = loss
+            fm.best_schedules = [
+                {k: [x.detach().clone() for x in v] for k, v in g.items()} for g in self._schedules
+            ]
+            return False
+        if fm.best_schedules is None or fm.best_natural is None:  # nothing to go back to
+            self._skip(f"the episode's validation loss is {loss}")
+            return True
+        with torch.no_grad():
+            for schedules, saved in zip(self._schedules, fm.best_schedules, strict=True):
+                for name, xs in schedules.items():
+                    for x, y in zip(xs, saved[name], strict=True):
+                        x.copy_(y)
+        assert self.hyper_optimizer is not None
+        if isinstance(self.hyper_optimizer, SignStep):
+            for state in self.hyper_optimizer.state.values():
+                if "step_size" in state:
+                    state["step_size"].mul_(0.5)
+        else:
+            for group in self.hyper_optimizer.param_groups:
+                group["lr"] = group["lr"] * 0.5
+        fm.backtracks += 1
+        warnings.warn(
+            f"{type(self).__name__}: this episode's validation loss {loss:.6g} is not below the "
+            f"best episode's {best:.6g}: the schedule goes back to that episode's and steps "
+            "again from there with the outer steps halved (backtrack=False takes the paper's "
+            "steps regardless)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self._step_schedules(fm.best_natural)
+        return True
 
     def _end_episode(self) -> None:
         """Episodic forward mode: restart the tangents, the buffers and the position."""
@@ -1093,6 +1147,7 @@ def _check_forward(
     mode: object,
     update_interval: object,
     clamps: object,
+    backtrack: object = None,
 ) -> ForwardMode | None:
     """The options of ``method="forward"``; refused with any other method."""
     if method != "forward":
@@ -1101,6 +1156,7 @@ def _check_forward(
             ("windows", windows),
             ("mode", mode),
             ("clamps", clamps),
+            ("backtrack", backtrack),
         ):
             if value is not None:
                 raise ValueError(
@@ -1147,10 +1203,16 @@ def _check_forward(
             if not c > 0:
                 raise ValueError(f"clamps[{name!r}] must be positive, got {value!r}")
             bounds[name] = c
+    if backtrack is not None and not isinstance(backtrack, bool):
+        raise TypeError(f"backtrack must be a bool, got {backtrack!r}")
+    if backtrack and mode != "episodic":
+        raise ValueError("backtrack=True applies to mode='episodic' only (whole reruns to compare)")
     interval = DEFAULT_UPDATE_INTERVAL["forward"] if update_interval is None else update_interval
-    return ForwardMode(
+    forward = ForwardMode(
         h, cast(int, windows), mode, cast(int, interval), bounds["grad"], bounds["tangent"]
     )
+    forward.backtrack = mode == "episodic" if backtrack is None else backtrack
+    return forward
 
 
 def _check_saved_schedules(

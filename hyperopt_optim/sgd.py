@@ -157,6 +157,7 @@ class HyperSGD(HyperOptimizer):
         windows: int | None = None,
         mode: str | None = None,
         clamps: Mapping[str, float] | None = None,
+        backtrack: bool | None = None,
     ) -> None:
         for name, flag in (("nesterov", nesterov), ("maximize", maximize)):
             if not isinstance(flag, bool):
@@ -197,6 +198,7 @@ class HyperSGD(HyperOptimizer):
             windows=windows,
             mode=mode,
             clamps=clamps,
+            backtrack=backtrack,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:

@@ -776,3 +776,57 @@ def test_forward_differences_with_the_gradient_clamp() -> None:
     for name in results[0]:
         # forward differences: about u^(1/2) relative per product
         assert _relative_error(results[1][name], results[0][name]) < 1e-4, name
+
+
+def _overshooting_run(backtrack: bool | None) -> tuple[HyperSGD, list[Tensor], list[float]]:
+    """Episodes on a quadratic whose outer step is far too large: the second schedule's lr
+    makes the run diverge."""
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    target = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+
+    def loss() -> Tensor:
+        return ((w - target) ** 2).sum()
+
+    opt = HyperSGD(
+        [w], lr=0.05, learn="lr", method="forward", horizon=10, windows=2, mode="episodic",
+        hyper_optimizer=lambda p: SignStep(p, lr=4.0), backtrack=backtrack,
+    )  # fmt: skip
+    used, finals = [], []
+    for _ in range(3):
+        with torch.no_grad():
+            w.zero_()
+        used.append(opt.schedules()[0]["lr"].clone())  # type: ignore[union-attr]
+        for _ in range(10):
+            opt.step(loss, val_closure=loss)
+        finals.append(float(loss().detach()))
+    return opt, used, finals
+
+
+def test_episodic_backtracks_to_the_best_schedule_with_halved_steps() -> None:
+    """An episode that ends worse than the best (here: the first step overshoots) sends the
+    schedule back to the best episode's and steps again from there, along that episode's
+    hypergradient, with the sign steps halved."""
+    with pytest.warns(RuntimeWarning, match="goes back to that episode's"):
+        opt, used, finals = _overshooting_run(None)
+    assert finals[1] > finals[0]  # the overshoot
+    first_step = torch.log(used[1]) - torch.log(used[0])
+    retry = torch.log(used[2]) - torch.log(used[0])
+    assert torch.allclose(retry, first_step / 2)  # the same direction, half the step
+    assert finals[2] < finals[0]
+    assert opt._forward.backtracks == 1
+
+
+def test_episodic_without_backtracking_takes_the_papers_steps() -> None:
+    opt, used, finals = _overshooting_run(False)
+    assert finals[1] > finals[0]
+    assert not torch.equal(used[2], used[0])
+    assert opt._forward.backtracks == 0
+
+
+def test_backtrack_argument_checks() -> None:
+    with pytest.raises(ValueError, match="applies to mode='episodic' only"):
+        HyperSGD(_w(), lr=0.1, method="forward", horizon=4, backtrack=True)
+    with pytest.raises(TypeError, match="backtrack must be a bool"):
+        HyperSGD(_w(), lr=0.1, method="forward", horizon=4, mode="episodic", backtrack=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backtrack=False is an option of method='forward'"):
+        HyperSGD(_w(), lr=0.1, backtrack=False)

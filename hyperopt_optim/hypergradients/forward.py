@@ -204,6 +204,12 @@ class ForwardMode(HypergradientMethod):
         self.position = 0
         self.episodes = 0
         self.loaded_window: int | None = None
+        #: episodic backtracking: the best end-of-episode validation loss and its schedules
+        self.backtrack = False
+        self.best_loss: float | None = None
+        self.best_schedules: list[dict[str, list[Tensor]]] | None = None
+        self.best_natural: list[dict[str, list[Tensor]]] | None = None
+        self.backtracks = 0
 
     # -- the layout -------------------------------------------------------------------------
 
@@ -294,6 +300,10 @@ class ForwardMode(HypergradientMethod):
             "position": self.position,
             "episodes": self.episodes,
             "loaded_window": self.loaded_window,
+            "best_loss": self.best_loss,
+            "best_schedules": self.best_schedules,
+            "best_natural": self.best_natural,
+            "backtracks": self.backtracks,
             "tangents": None
             if self.tangents is None
             else [[{k: z.clone() for k, z in e.items()} for e in g] for g in self.tangents],
@@ -303,6 +313,20 @@ class ForwardMode(HypergradientMethod):
         self.position = int(state["position"])
         self.episodes = int(state["episodes"])
         self.loaded_window = state["loaded_window"]
+        self.best_loss = state.get("best_loss")
+        best = state.get("best_schedules")
+        self.best_schedules = (
+            None
+            if best is None
+            else [{k: [x.clone() for x in v] for k, v in g.items()} for g in best]
+        )
+        natural = state.get("best_natural")
+        self.best_natural = (
+            None
+            if natural is None
+            else [{k: [x.clone() for x in v] for k, v in g.items()} for g in natural]
+        )
+        self.backtracks = int(state.get("backtracks", 0))
         saved = state["tangents"]
         if saved is None:
             self.tangents = None
