@@ -48,7 +48,7 @@ class HyperAdam(HyperOptimizer):
         learn: any of ``"lr"``, ``"beta1"``, ``"beta2"``, ``"eps"``, ``"weight_decay"``
             (default: ``("lr",)``).
         granularity, method, neumann_steps, update_interval, hyper_optimizer, hvp, bounds,
-        horizon, windows, mode, clamps:
+        horizon, windows, mode, clamps, backtrack:
             as for :class:`~hyperopt_optim.HyperSGD`; the default bounds are lr [1e-8, 10],
             weight decay [1e-10, 10], eps [1e-16, 1], betas [1e-6, 1 - 1e-6].
     """

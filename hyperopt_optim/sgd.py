@@ -73,6 +73,9 @@ class HyperSGD(HyperOptimizer):
         mode: ``method="forward"`` only: ``"online"`` (default) or ``"episodic"``.
         clamps: ``method="forward"`` only: ``{"grad": c, "tangent": c}``, the paper's clamps
             of the training gradient and of each Hessian-tangent product (default: none).
+        backtrack: ``method="forward", mode="episodic"`` only: an episode that ends with a
+            validation loss not below the best episode's returns to the best schedule and
+            steps again along its hypergradient with halved outer steps (default: True).
 
     Example:
         >>> import torch
