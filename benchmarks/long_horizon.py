@@ -355,7 +355,7 @@ def plot(records: list[dict[str, Any]], out: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(
         f"digits, seed {record['seed']}: values over the horizon (episodic: the schedule each "
-        "episode used, darker = later)"
+        "episode used, red to blue = first to last)"
     )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
