@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     summary["setup"] = asdict(setup)
     summary["start"] = START
     summary["machine"] = tuning.machine()
-    summary["started"] = started
+    summary["summarised_at"] = started  # when this summary was written (the runs: the records)
     (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = f"# Long horizons: digits, {setup.steps} steps, {len(records)} seeds"
     if not setup.backtrack:
