@@ -53,6 +53,11 @@ CASES: dict[str, tuple[type[HyperOptimizer], dict[str, Any], tuple[str, ...]]] =
         {"lr": 0.05, "momentum": 0.7, "weight_decay": 0.02, "nesterov": True},
         ("lr", "momentum", "weight_decay"),
     ),
+    "sgd_dampening_maximize": (
+        HyperSGD,
+        {"lr": 0.05, "momentum": 0.6, "dampening": 0.3, "weight_decay": 0.01, "maximize": True},
+        ("lr", "momentum", "weight_decay"),
+    ),
     "adam": (
         HyperAdam,
         {"lr": 0.01, "weight_decay": 0.01},
@@ -830,3 +835,35 @@ def test_backtrack_argument_checks() -> None:
         HyperSGD(_w(), lr=0.1, method="forward", horizon=4, mode="episodic", backtrack=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backtrack=False is an option of method='forward'"):
         HyperSGD(_w(), lr=0.1, backtrack=False)
+
+
+def test_foreach_false_gives_the_same_tangents() -> None:
+    """``foreach=False`` (one tensor at a time) changes nothing in forward mode."""
+    results = []
+    for foreach in (None, False):
+        problem = oracle.mlp_problem(12)
+        opt = _make("adam", problem, steps=6, windows=3, foreach=foreach)
+        for _ in range(6):
+            _step(opt, problem, "autograd")
+        results.append(opt.hypergradients()[0])
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], rtol=1e-12, atol=1e-15), name
+
+
+def test_a_scheduler_sets_the_current_windows_value() -> None:
+    """A value written into the param group (here by torch's StepLR) becomes the current
+    window's value in the schedule; the step uses it."""
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = HyperSGD(
+        [w], lr=0.1, learn="lr", method="forward", horizon=8, windows=2, mode="episodic",
+        **FROZEN,
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        opt.step(lambda: (w**2).sum(), val_closure=lambda: (w**2).sum())
+        scheduler.step()
+    opt.step(lambda: (w**2).sum(), val_closure=lambda: (w**2).sum())
+    schedule = opt.schedules()[0]["lr"]
+    assert float(schedule[0]) == pytest.approx(0.025)  # type: ignore[index]
+    assert float(schedule[1]) == pytest.approx(0.1)  # type: ignore[index]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
