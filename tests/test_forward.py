@@ -867,3 +867,23 @@ def test_a_scheduler_sets_the_current_windows_value() -> None:
     assert float(schedule[0]) == pytest.approx(0.025)  # type: ignore[index]
     assert float(schedule[1]) == pytest.approx(0.1)  # type: ignore[index]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_loss_fn_that_mutates_a_buffer_gets_a_clear_error() -> None:
+    """Batch norm in training mode updates its running statistics in place, which torch.func
+    refuses inside its transforms: the error says what to do instead."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    names = [n for n, _ in model.named_parameters()]
+    buffers = dict(model.named_buffers())
+    x = torch.randn(8, 3)
+    opt = HyperSGD(model.parameters(), lr=0.1, method="forward", horizon=4)
+
+    def loss_fn(params: list[Tensor]) -> Tensor:
+        out = torch.func.functional_call(
+            model, {**dict(zip(names, params, strict=True)), **buffers}, (x,)
+        )
+        return out.pow(2).mean()
+
+    with pytest.raises(RuntimeError, match="replace_all_batch_norm_modules_"):
+        opt.step(loss_fn=loss_fn, val_closure=lambda: model(x).pow(2).mean())

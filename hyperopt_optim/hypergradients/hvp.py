@@ -206,4 +206,16 @@ class FunctionalHVP:
         if not directions or directions[0].shape[0] == 0:
             return [d.clone() for d in directions]
         batched = torch.func.vmap(self._product, chunk_size=self._chunk_size)
-        return [x.detach() for x in batched(*directions)]
+        try:
+            products = batched(*directions)
+        except RuntimeError as error:
+            if "mutate a captured Tensor" not in str(error):
+                raise
+            raise RuntimeError(
+                "loss_fn must be a pure function of the parameters for torch.func, but it "
+                "changes a tensor in place (batch norm in training mode updates its running "
+                "statistics): pass the module's buffers as copies, call "
+                "torch.func.replace_all_batch_norm_modules_(model), or use a closure that "
+                "returns the loss without backward() (exact batched double backward)"
+            ) from error
+        return [x.detach() for x in products]
