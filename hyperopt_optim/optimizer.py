@@ -61,7 +61,8 @@ from .sign_step import SignStep
 __all__ = ["HVP_PROVIDERS", "METHODS", "HyperOptimizer"]
 
 METHODS = ("ift", "greedy", "hd", "forward")
-HVP_PROVIDERS = ("auto", "autograd", "finite_difference", "forward_difference")
+HVP_PROVIDERS = ("auto", "autograd", "autograd_batched", "finite_difference", "forward_difference")
+EXACT_HVPS = ("autograd", "autograd_batched")
 DEFAULT_NEUMANN_STEPS = 4
 DEFAULT_UPDATE_INTERVAL = {"ift": 10, "greedy": 10, "hd": 1, "forward": 10}
 DEFAULT_HYPER_LR = 0.05
@@ -135,6 +136,11 @@ class HyperOptimizer(Optimizer):
         self.granularity = _check_granularity(granularity, self.learn)
         self.method = _check_choice("method", method, METHODS)
         self.hvp = _check_choice("hvp", hvp, HVP_PROVIDERS)
+        if hvp == "autograd_batched" and method != "forward":
+            raise ValueError(
+                "hvp='autograd_batched' takes the products of all tangent columns in one batched "
+                f"backward: it is for method='forward', not method={method!r} (use 'autograd')"
+            )
         self.neumann_steps = _check_neumann_steps(neumann_steps, method)
         self._forward: ForwardMode | None = _check_forward(
             method, self.granularity, horizon, windows, mode, update_interval, clamps, backtrack
@@ -539,9 +545,9 @@ class HyperOptimizer(Optimizer):
         with torch.enable_grad(), saves:
             loss = closure()
             if self._backward_count[0] != before:  # torch's convention: backward was called
-                if self.hvp == "autograd" and graph_wanted:
+                if self.hvp in EXACT_HVPS and graph_wanted:
                     raise RuntimeError(
-                        "hvp='autograd' needs a closure that returns the loss without calling "
+                        f"hvp={self.hvp!r} needs a closure that returns the loss without calling "
                         "backward(); use hvp='finite_difference' with torch's ordinary closure"
                     )
                 if self.hvp == "auto":  # decided by the closure in hand, step by step
@@ -754,7 +760,7 @@ class HyperOptimizer(Optimizer):
             functional = FunctionalHVP(loss_fn, live_all)
         else:
             assert closure is not None
-            graph_wanted = self._resolved_hvp in (None, "autograd")
+            graph_wanted = self._resolved_hvp in (None, *EXACT_HVPS)
             loss, graph = self._evaluate(closure, graph_wanted)
 
         views = [self._gather(i) for i in range(len(self.param_groups))]
@@ -804,7 +810,10 @@ class HyperOptimizer(Optimizer):
                 hz = [products[position[id(p)]] for p in live]
             elif graph is not None:
                 provider = AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
-                hz = provider.batched(directions)
+                if self.hvp == "autograd_batched":  # one backward for all columns
+                    hz = provider.batched(directions)
+                else:  # one backward per column: memory of one product, often faster
+                    hz = batched_products(provider, directions)
             else:
                 assert closure is not None
                 provider_fd = FiniteDifferenceHVP(

@@ -63,7 +63,9 @@ class HyperSGD(HyperOptimizer):
             differences of the gradient, two closure calls per product, any closure),
             ``"forward_difference"`` (one closure call per product, reusing the step's
             gradient), or ``"auto"``: autograd when the closure leaves ``backward()`` to the
-            optimizer, else central differences (default: ``"auto"``).
+            optimizer, else central differences (default: ``"auto"``).  ``method="forward"``
+            also takes ``"autograd_batched"``: the products of all tangent columns in one
+            batched double backward (faster on small models, memory of one product per column).
         bounds: ``{name: (low, high)}`` in natural units, overriding the defaults
             (lr [1e-8, 10], weight decay [1e-10, 10], momentum [1e-6, 1 - 1e-6]).
         horizon: ``method="forward"`` only, required: the steps of the run (online) or of

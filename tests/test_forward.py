@@ -76,7 +76,7 @@ def _step(opt: HyperOptimizer, problem: oracle.Problem, how: str) -> Any:
         return opt.step(loss_fn=problem.train_loss, val_closure=problem.val_closure)
     if how == "finite_difference":
         return opt.step(problem.torch_closure(opt), val_closure=problem.val_closure)
-    return opt.step(problem.closure, val_closure=problem.val_closure)
+    return opt.step(problem.closure, val_closure=problem.val_closure)  # autograd(_batched)
 
 
 def _make(
@@ -101,7 +101,9 @@ def _make(
         horizon=steps if horizon is None else horizon,
         windows=windows,
         mode="episodic",
-        hvp="finite_difference" if how == "finite_difference" else "auto",
+        hvp={"finite_difference": "finite_difference", "autograd_batched": "autograd_batched"}.get(
+            how, "auto"
+        ),
         **options,
     )
 
@@ -149,7 +151,7 @@ def _forward_and_oracle(
 # --- exactness -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["autograd", "functional"])
+@pytest.mark.parametrize("how", ["autograd", "autograd_batched", "functional"])
 @pytest.mark.parametrize("granularity", ["scalar", "tensor"])
 @pytest.mark.parametrize("windows", [1, 3, 5])
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -157,7 +159,8 @@ def test_forward_equals_reverse_mode_unrolled(
     case: str, windows: int, granularity: str, how: str
 ) -> None:
     """After T steps with N shared windows, every window's hypergradient equals reverse mode
-    through the same T steps (exact Hessian-vector products: double backward or vmap/jvp)."""
+    through the same T steps (exact Hessian-vector products: double backward column by column
+    or batched, or vmap/jvp)."""
     got, want = _forward_and_oracle(case, 0, 10, windows, granularity, how)
     for g, w in zip(got, want, strict=True):
         assert set(g) == set(w)
@@ -887,3 +890,8 @@ def test_loss_fn_that_mutates_a_buffer_gets_a_clear_error() -> None:
 
     with pytest.raises(RuntimeError, match="replace_all_batch_norm_modules_"):
         opt.step(loss_fn=loss_fn, val_closure=lambda: model(x).pow(2).mean())
+
+
+def test_autograd_batched_is_for_forward_mode_only() -> None:
+    with pytest.raises(ValueError, match=r"hvp='autograd_batched'.*not method='ift'"):
+        HyperSGD(_w(), lr=0.1, hvp="autograd_batched")
