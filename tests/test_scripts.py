@@ -52,6 +52,7 @@ def test_overhead_benchmark_runs(tmp_path: Path) -> None:
     table = (out / "overhead_cpu_quick.md").read_text()
     assert "torch.optim.SGD" in table
     assert "ift" in table
+    assert "forward, scalar, 5 windows, batched" in table
 
 
 def test_tuning_benchmark_smoke(tmp_path: Path) -> None:
