@@ -201,7 +201,7 @@ class HyperOptimizer(Optimizer):
     def _zero_hypergradients(self, index: int) -> dict[str, list[Tensor]]:
         if self._forward is not None:
             return {
-                name: [torch.zeros(xs.shape, dtype=torch.float64) for xs in sched]
+                name: [torch.zeros(xs.shape, dtype=torch.float64, device=xs.device) for xs in sched]
                 for name, sched in self._schedules[index].items()
             }
         return {
@@ -249,6 +249,7 @@ class HyperOptimizer(Optimizer):
         self._learned.append(learned)
         if self._forward is not None:
             self._forward.set_columns(self._columns())
+            self._forward.forget_best()  # its schedules lack the new group
         if self.hyper_optimizer is not None:
             self.hyper_optimizer.add_param_group({"params": self._stepped_values(index)})
             self._last_hypergradients.append(self._zero_hypergradients(index))
@@ -320,8 +321,10 @@ class HyperOptimizer(Optimizer):
         """``method="forward"``: every window's value in natural units, one dict per group.
 
         A tensor of shape ``(windows,)`` per name for ``granularity="scalar"``; for
-        ``"tensor"`` a list with one such tensor per parameter of the group.  Online, a window
-        not reached yet shows its starting value and the current one its latest value.
+        ``"tensor"`` a list with one such tensor per parameter of the group.  Online, windows
+        passed show the value each ended with and the current one its latest value; a window
+        not reached yet shows the initial value, but will start from the value the window
+        before it ends with.
         """
         if self._forward is None:
             raise RuntimeError(f"schedules() needs method='forward', not {self.method!r}")
@@ -676,14 +679,20 @@ class HyperOptimizer(Optimizer):
         self._counters["hyper_steps"] += 1
         return True
 
-    def _take_external_writes(self) -> None:
-        for group, learned in zip(self.param_groups, self._learned, strict=True):
+    def _take_external_writes(self) -> set[tuple[int, str]]:
+        """Take up values written into the param groups from outside; returns which."""
+        taken = set()
+        for index, (group, learned) in enumerate(
+            zip(self.param_groups, self._learned, strict=True)
+        ):
             for name, lv in learned.items():
                 value = self._group_value(group, name)
                 if value != lv.shown:
                     shown = lv.take_external(value, group["params"])
                     self._set_group_value(group, name, shown)
                     lv.shown = shown
+                    taken.add((index, name))
+        return taken
 
     # -- forward mode ----------------------------------------------------------------------
 
@@ -695,12 +704,15 @@ class HyperOptimizer(Optimizer):
             for j in range(len(lv.phi))
         ]
 
-    def _show_window(self, window: int) -> None:
-        """Make the learned values (and the param groups) those of ``window``'s schedule."""
-        for group, learned, schedules in zip(
-            self.param_groups, self._learned, self._schedules, strict=True
+    def _show_window(self, window: int, keep: set[tuple[int, str]] | None = None) -> None:
+        """Make the learned values (and the param groups) those of ``window``'s schedule,
+        except the ``keep`` ones (just written from outside: they become the window's)."""
+        for index, (group, learned, schedules) in enumerate(
+            zip(self.param_groups, self._learned, self._schedules, strict=True)
         ):
             for name, lv in learned.items():
+                if keep and (index, name) in keep:
+                    continue
                 sched = schedules[name]
                 if all(bool(phi == x[window]) for phi, x in zip(lv.phi, sched, strict=True)):
                     continue  # unchanged: keep the exact float shown (the user's own at first)
@@ -740,10 +752,10 @@ class HyperOptimizer(Optimizer):
         if closure is not None and loss_fn is not None:
             raise ValueError("pass either closure or loss_fn to step(), not both")
         window = fm.window()
+        written = self._take_external_writes()  # a scheduler's write: this window's value
         if fm.mode == "episodic" and fm.loaded_window != window:
-            self._show_window(window)
+            self._show_window(window, keep=written)
         fm.loaded_window = window
-        self._take_external_writes()
         self._record_window(window)
         t = self._counters["step"]
 
@@ -756,7 +768,7 @@ class HyperOptimizer(Optimizer):
                 loss = _check_training_loss(loss_fn(live_all))
                 grads = _grad(loss, live_all)
             for p, g in zip(live_all, grads, strict=True):
-                p.grad = torch.zeros_like(p) if g is None else g.detach()
+                p.grad = None if g is None else g.detach()  # unused: skipped, as torch does
             functional = FunctionalHVP(loss_fn, live_all)
         else:
             assert closure is not None
@@ -807,7 +819,11 @@ class HyperOptimizer(Optimizer):
                     if p.requires_grad
                 ]
                 products = functional(full)
-                hz = [products[position[id(p)]] for p in live]
+                # a parameter outside loss_fn's list (frozen, with a stale .grad): H·Z = 0
+                hz = [
+                    products[position[id(p)]] if id(p) in position else torch.zeros_like(d)
+                    for p, d in zip(live, directions, strict=True)
+                ]
             elif graph is not None:
                 provider = AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
                 if self.hvp == "autograd_batched":  # one backward for all columns
@@ -944,7 +960,8 @@ class HyperOptimizer(Optimizer):
     def _forward_hyper_step(self, val_closure: Closure, window: int) -> None:
         fm = self._forward
         assert fm is not None
-        if fm.mode == "episodic" and fm.backtrack and self._backtracked(val_closure):
+        if fm.mode == "episodic" and fm.backtrack:
+            self._episodic_with_backtracking(val_closure)
             return
         natural = self._forward_natural(val_closure)
         if natural is None:
@@ -954,8 +971,6 @@ class HyperOptimizer(Optimizer):
             if self._step_learned(current, record=False):
                 self._record_window(window)
             return
-        if fm.backtrack:
-            fm.best_natural = natural
         self._step_schedules(natural)
 
     def _step_schedules(self, natural: list[dict[str, list[Tensor]]]) -> None:
@@ -980,26 +995,31 @@ class HyperOptimizer(Optimizer):
                         sched.clamp_(lo, hi)
         self._counters["hyper_steps"] += 1
 
-    def _backtracked(self, val_closure: Closure) -> bool:
+    def _episodic_with_backtracking(self, val_closure: Closure) -> None:
         """Episodic backtracking: an episode whose final validation loss is not finite or not
         below the best episode's so far sends the schedule back to that episode's, halves the
         outer steps and steps again from there along that episode's hypergradient (a
-        backtracking line search; no episode is spent rerunning the best schedule).  Else
-        this episode's schedule becomes the best and ``False`` lets the step proceed."""
+        backtracking line search; no episode is spent rerunning the best schedule).  Else, if
+        its hypergradient is finite, this episode becomes the best and the schedule steps."""
         fm = self._forward
         assert fm is not None
         with torch.no_grad():
             loss = float(val_closure().detach())
         best = fm.best_loss
         if math.isfinite(loss) and (best is None or loss < best):
+            natural = self._forward_natural(val_closure)
+            if natural is None:  # skipped and counted: this episode cannot be a best
+                return
             fm.best_loss = loss
             fm.best_schedules = [
                 {k: [x.detach().clone() for x in v] for k, v in g.items()} for g in self._schedules
             ]
-            return False
+            fm.best_natural = natural
+            self._step_schedules(natural)
+            return
         if fm.best_schedules is None or fm.best_natural is None:  # nothing to go back to
             self._skip(f"the episode's validation loss is {loss}")
-            return True
+            return
         with torch.no_grad():
             for schedules, saved in zip(self._schedules, fm.best_schedules, strict=True):
                 for name, xs in schedules.items():
@@ -1023,7 +1043,6 @@ class HyperOptimizer(Optimizer):
             stacklevel=4,
         )
         self._step_schedules(fm.best_natural)
-        return True
 
     def _end_episode(self) -> None:
         """Episodic forward mode: restart the tangents, the buffers and the position."""
@@ -1092,6 +1111,13 @@ class HyperOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         if hyper is None:
             self._take_external_writes()
+            if self._forward is not None:  # the schedules restart from the loaded values
+                with torch.no_grad():
+                    for learned, schedules in zip(self._learned, self._schedules, strict=True):
+                        for name, lv in learned.items():
+                            for phi, x in zip(lv.phi, schedules[name], strict=True):
+                                x.fill_(float(phi))
+                self._forward.forget_best()
             return
         with torch.no_grad():
             for learned, saved, shown in zip(
@@ -1113,6 +1139,12 @@ class HyperOptimizer(Optimizer):
             {k: [x.clone() for x in v] for k, v in g.items()} for g in hyper["hypergradients"]
         ]
         self._hyper_method.load_state_dict(hyper["method"])
+        if self._forward is not None and self._forward.tangents is not None:
+            # as torch moves optimizer state to its parameter's device and dtype
+            for group, per_group in zip(self.param_groups, self._forward.tangents, strict=True):
+                for p, entry in zip(group["params"], per_group, strict=True):
+                    for block, z in entry.items():
+                        entry[block] = z.to(device=p.device, dtype=p.dtype)
         if self._forward is not None:
             with torch.no_grad():
                 for schedules, saved_g in zip(self._schedules, hyper["schedules"], strict=True):

@@ -895,3 +895,127 @@ def test_loss_fn_that_mutates_a_buffer_gets_a_clear_error() -> None:
 def test_autograd_batched_is_for_forward_mode_only() -> None:
     with pytest.raises(ValueError, match=r"hvp='autograd_batched'.*not method='ift'"):
         HyperSGD(_w(), lr=0.1, hvp="autograd_batched")
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+
+def _square(w: Tensor) -> Callable[[], Tensor]:
+    return lambda: (w**2).sum()
+
+
+def test_a_scheduler_write_at_a_window_boundary_is_the_new_windows_value() -> None:
+    """Episodic: a value written just before a window starts becomes that window's value
+    (it used to be overwritten by the schedule)."""
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = HyperSGD(
+        [w], lr=0.1, learn="lr", method="forward", horizon=8, windows=2, mode="episodic",
+        **FROZEN,
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    used = []
+    for _ in range(6):
+        opt.step(_square(w), val_closure=_square(w))
+        used.append(opt.param_groups[0]["lr"])
+        scheduler.step()
+    assert used == pytest.approx([0.1 * 0.5**k for k in range(6)])
+
+
+def test_torch_state_dict_restarts_the_episodic_schedule() -> None:
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = HyperSGD(
+        [w], lr=0.1, learn="lr", method="forward", horizon=4, windows=2, mode="episodic",
+        **FROZEN,
+    )  # fmt: skip
+    opt.load_state_dict(torch.optim.SGD([w], lr=0.5).state_dict())
+    opt.step(_square(w), val_closure=_square(w))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    assert opt.schedules()[0]["lr"].tolist() == pytest.approx([0.5, 0.5])  # type: ignore[union-attr]
+
+
+def test_loss_fn_skips_unused_parameters_and_frozen_ones() -> None:
+    """With loss_fn, a parameter the loss does not use gets no gradient and is not updated
+    (as torch does); one frozen with a stale .grad has no Hessian term."""
+    a = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = HyperSGD(
+        [a, b], lr=0.1, momentum=0.9, weight_decay=0.1, learn="lr", method="forward",
+        horizon=6,
+    )  # fmt: skip
+    opt.step(loss_fn=lambda ps: (ps[0] ** 2).sum(), val_closure=_square(a))
+    assert b.grad is None
+    assert torch.equal(b.detach(), torch.ones(2, dtype=torch.float64))
+    assert not opt.state.get(b)
+    opt.step(loss_fn=lambda ps: sum((p**2).sum() for p in ps), val_closure=_square(a))
+    b.requires_grad_(False)  # frozen, its .grad left in place
+    opt.step(loss_fn=lambda ps: (ps[0] ** 2).sum() + (b**2).sum(), val_closure=_square(a))
+    assert opt.hyper_state["step"] == 3
+
+
+def test_a_non_finite_hypergradient_never_becomes_the_best_episode() -> None:
+    """Backtracking records an episode as the best only with a finite hypergradient; an
+    episode whose tangents overflowed is skipped and the next one steps normally."""
+    target = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def loss() -> Tensor:
+        return ((w - target) ** 2).sum()
+
+    opt = HyperSGD([w], lr=0.02, learn="lr", method="forward", horizon=10, windows=2,
+                   mode="episodic")  # fmt: skip
+    schedules = []
+    for episode in range(3):
+        with torch.no_grad():
+            w.zero_()
+        for t in range(10):
+            if episode == 0 and t == 9:
+                assert opt._forward.tangents is not None
+                opt._forward.tangents[0][0]["param"].fill_(float("inf"))
+            if episode == 0 and t == 9:
+                with pytest.warns(RuntimeWarning, match="not finite"):
+                    opt.step(loss, val_closure=loss)
+            else:
+                opt.step(loss, val_closure=loss)
+        schedules.append(opt.schedules()[0]["lr"].clone())  # type: ignore[union-attr]
+    assert schedules[0].tolist() == pytest.approx([0.02, 0.02])
+    assert float(schedules[1][0]) > 0.02
+    assert float(schedules[2][0]) > float(schedules[1][0])
+
+
+def test_a_param_group_added_between_episodes_resets_backtracking() -> None:
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    v = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def loss() -> Tensor:
+        return ((w - 1) ** 2).sum() + ((v + 1) ** 2).sum()
+
+    opt = HyperSGD(
+        [w], lr=0.05, learn="lr", method="forward", horizon=5, windows=1, mode="episodic",
+        hyper_optimizer=lambda p: SignStep(p, lr=5.0),
+    )  # fmt: skip
+    for _ in range(5):
+        opt.step(loss, val_closure=loss)
+    opt.add_param_group({"params": [v]})
+    for _ in range(3):  # an overshooting step, then a backtrack over both groups
+        with torch.no_grad():
+            w.zero_()
+            v.zero_()
+        for _ in range(5):
+            opt.step(loss, val_closure=loss)
+    assert len(opt.schedules()) == 2
+
+
+def test_loaded_tangents_take_the_parameters_dtype() -> None:
+    """As torch casts optimizer state to its parameter, loaded tangents follow the model."""
+    problem = oracle.mlp_problem(13)
+    opt = _make("sgd_momentum_wd", problem, steps=6, windows=2)
+    _step(opt, problem, "autograd")
+    saved = opt.state_dict()
+    twin = oracle.mlp_problem(13, dtype=torch.float32)
+    other = _make("sgd_momentum_wd", twin, steps=6, windows=2)
+    other.load_state_dict(saved)
+    assert other._forward.tangents is not None
+    assert all(
+        z.dtype == torch.float32 for g in other._forward.tangents for e in g for z in e.values()
+    )
+    _step(other, twin, "autograd")

@@ -252,6 +252,12 @@ class ForwardMode(HypergradientMethod):
                             (self.size, *p.shape), dtype=p.dtype, device=p.device
                         )
 
+    def forget_best(self) -> None:
+        """Episodic backtracking starts afresh (the schedules changed shape or value)."""
+        self.best_loss = None
+        self.best_schedules = None
+        self.best_natural = None
+
     def zero_tangents(self) -> None:
         if self.tangents is None:
             return
