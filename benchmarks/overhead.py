@@ -157,30 +157,21 @@ class Variant:
             return torch.optim.SGD(
                 model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
             )
-        if self.method == "forward":
-            return HyperSGD(
-                model.parameters(),
-                lr=LR,
-                momentum=MOMENTUM,
-                weight_decay=WEIGHT_DECAY,
-                learn=LEARN,
-                method="forward",
-                horizon=FORWARD_HORIZON,
-                windows=self.windows,
-                update_interval=self.update_interval,
-                hvp=self.hvp,
-            )
+        extra: dict[str, Any] = (
+            {"horizon": FORWARD_HORIZON, "windows": self.windows}
+            if self.method == "forward"
+            else {"granularity": self.granularity, "neumann_steps": self.neumann_steps}
+        )
         return HyperSGD(
             model.parameters(),
             lr=LR,
             momentum=MOMENTUM,
             weight_decay=WEIGHT_DECAY,
             learn=LEARN,
-            granularity=self.granularity,
             method=self.method,
-            neumann_steps=self.neumann_steps,
             update_interval=self.update_interval,
             hvp=self.hvp,
+            **extra,
         )
 
     def floor(self, c: dict[str, float]) -> float | None:
