@@ -776,9 +776,11 @@ class HyperOptimizer(Optimizer):
             loss, graph = self._evaluate(closure, graph_wanted)
 
         views = [self._gather(i) for i in range(len(self.param_groups))]
-        # the gradient at w_t, unclipped (forward differences subtract it); finite differences'
-        # closure calls may overwrite .grad, even in place, so the update uses copies
-        raw_grads = [g.detach().clone() for view in views for g in view[2]]
+        # Finite differences call the closure again, which may overwrite .grad (even in place):
+        # they get the unclipped gradient at w_t (forward differences subtract it) and the
+        # update a copy of this step's; exact products leave .grad alone.
+        differences = functional is None and graph is None
+        raw_grads = [g.detach().clone() for view in views for g in view[2]] if differences else []
         if fm.grad_clamp is not None:
             with torch.no_grad():
                 masks = [[g.abs() < fm.grad_clamp for g in view[2]] for view in views]
@@ -808,7 +810,9 @@ class HyperOptimizer(Optimizer):
         directions = [
             fm.tangents[i][j][PARAM][:active] for i, view in enumerate(views) for j in view[0]
         ]
-        step_grads = [g.detach().clone() for view in views for g in view[2]]  # clipped, if so
+        step_grads = [  # clipped, if so
+            g.detach().clone() if differences else g for view in views for g in view[2]
+        ]
         try:
             if functional is not None:
                 position = {id(p): n for n, p in enumerate(live_all)}

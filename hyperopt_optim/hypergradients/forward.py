@@ -280,16 +280,18 @@ class ForwardMode(HypergradientMethod):
         Args:
             val_grads: per group, per parameter position, ``∇L_V`` (``None`` for none).
         """
-        total = torch.zeros(self.size, dtype=torch.float64)
+        total: Tensor | None = None
         assert self.tangents is not None
         for per_group, grads in zip(self.tangents, val_grads, strict=True):
             for entry, g in zip(per_group, grads, strict=True):
                 z = entry.get(PARAM)
                 if g is None or z is None:
                     continue
-                dots = z.reshape(self.size, -1) @ g.reshape(-1).to(z.dtype)
-                total += dots.to(torch.float64).cpu()
-        return total
+                dots = (z.reshape(self.size, -1) @ g.reshape(-1).to(z.dtype)).to(torch.float64)
+                total = dots if total is None else total + dots.to(total.device)
+        if total is None:
+            return torch.zeros(self.size, dtype=torch.float64)
+        return total.cpu()  # one transfer
 
     def split(self, vector: Tensor) -> dict[Column, Tensor]:
         """A length-``M`` vector as one length-``N`` vector per value (its schedule)."""
