@@ -21,7 +21,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["GRANULARITIES", "Granularity", "LearnedValue", "to_unconstrained"]
+__all__ = [
+    "GRANULARITIES",
+    "Granularity",
+    "LearnedValue",
+    "natural_derivative",
+    "to_natural",
+    "to_unconstrained",
+]
 
 GRANULARITIES = ("scalar", "tensor", "element")
 Granularity = Literal["scalar", "tensor", "element"]
@@ -34,11 +41,12 @@ def to_unconstrained(value: float, fraction: bool) -> float:
     return math.log(value)
 
 
-def _to_natural(phi: Tensor, fraction: bool) -> Tensor:
+def to_natural(phi: Tensor, fraction: bool) -> Tensor:
+    """``λ = sigmoid φ`` for a fraction, ``exp φ`` for a scale."""
     return torch.sigmoid(phi) if fraction else torch.exp(phi)
 
 
-def _natural_derivative(value: Tensor, fraction: bool) -> Tensor:
+def natural_derivative(value: Tensor, fraction: bool) -> Tensor:
     """``dλ/dφ`` written with ``λ``."""
     return value * (1 - value) if fraction else value
 
@@ -106,12 +114,12 @@ class LearnedValue:
         if self.granularity == "scalar":
             if changed is not None and not bool(changed[0]):
                 return None
-            return float(_to_natural(self.phi[0], self.fraction))
+            return float(to_natural(self.phi[0], self.fraction))
         if changed is not None and self.values and not any(bool(c.any()) for c in changed):
             return None
         new_values = []
         for i, (phi, p) in enumerate(zip(self.phi, params, strict=True)):
-            value = _to_natural(phi, self.fraction).to(p.dtype)
+            value = to_natural(phi, self.fraction).to(p.dtype)
             if changed is not None and self.values:
                 value = torch.where(changed[i], value, self.values[i])
             new_values.append(value)
@@ -122,9 +130,11 @@ class LearnedValue:
         )
         return float(total) / max(1, sum(p.numel() for p in params))
 
-    def clip_(self) -> None:
+    def clip_(self, tensors: list[Tensor] | None = None) -> None:
+        """Clip ``φ`` (or other tensors of this value's ``φ``: forward mode's schedules) to
+        the bounds."""
         lo, hi = (to_unconstrained(b, self.fraction) for b in self.bounds)
-        for phi in self.phi:
+        for phi in self.phi if tensors is None else tensors:
             phi.clamp_(lo, hi)
 
     def take_external(self, new: float, params: list[Tensor]) -> float:
@@ -181,6 +191,6 @@ class LearnedValue:
         """``dL/dφ = dL/dλ · dλ/dφ``."""
         values = self.natural_values(group_value)
         return [
-            g * _natural_derivative(v.to(g.dtype), self.fraction).to(g.device)
+            g * natural_derivative(v.to(g.dtype), self.fraction).to(g.device)
             for g, v in zip(natural_grads, values, strict=True)
         ]

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._learned import GRANULARITIES, Granularity, LearnedValue, to_unconstrained
+from ._learned import GRANULARITIES, Granularity, LearnedValue, natural_derivative, to_natural
 from .hypergradients._base import (
     ElementwiseHypergradients,
     GroupSnapshot,
@@ -333,7 +333,7 @@ class HyperOptimizer(Optimizer):
             entry: dict[str, Tensor | list[Tensor]] = {}
             for name, sched in schedules.items():
                 lv = learned[name]
-                values = [_natural(x.detach(), lv.fraction) for x in sched]
+                values = [to_natural(x.detach(), lv.fraction) for x in sched]
                 entry[name] = values[0] if lv.granularity == "scalar" else values
             out.append(entry)
         return out
@@ -753,10 +753,12 @@ class HyperOptimizer(Optimizer):
             raise ValueError("pass either closure or loss_fn to step(), not both")
         window = fm.window()
         written = self._take_external_writes()  # a scheduler's write: this window's value
-        if fm.mode == "episodic" and fm.loaded_window != window:
+        entering = fm.loaded_window != window
+        if fm.mode == "episodic" and entering:
             self._show_window(window, keep=written)
         fm.loaded_window = window
-        self._record_window(window)
+        if entering or written:  # online, a new window starts from the value carried over
+            self._record_window(window)
         t = self._counters["step"]
 
         trainable = [p for group in self.param_groups for p in group["params"]]
@@ -985,8 +987,7 @@ class HyperOptimizer(Optimizer):
         ):
             for name, lv in learned.items():
                 for sched, h in zip(schedules[name], grads_g[name], strict=True):
-                    value = _natural(sched.detach(), lv.fraction)
-                    slope = value * (1 - value) if lv.fraction else value
+                    slope = natural_derivative(to_natural(sched.detach(), lv.fraction), lv.fraction)
                     sched.grad = (h.to(sched.device) * slope.to(h.dtype)).to(sched.dtype)
         with torch.no_grad():
             self.hyper_optimizer.step()
@@ -994,9 +995,7 @@ class HyperOptimizer(Optimizer):
         with torch.no_grad():
             for learned, schedules in zip(self._learned, self._schedules, strict=True):
                 for name, lv in learned.items():
-                    lo, hi = (to_unconstrained(b, lv.fraction) for b in lv.bounds)
-                    for sched in schedules[name]:
-                        sched.clamp_(lo, hi)
+                    lv.clip_(schedules[name])
         self._counters["hyper_steps"] += 1
 
     def _episodic_with_backtracking(self, val_closure: Closure) -> None:
@@ -1178,10 +1177,6 @@ def _place(
     for i, v in zip(indices, values, strict=True):
         full[i] = v
     return full
-
-
-def _natural(phi: Tensor, fraction: bool) -> Tensor:
-    return torch.sigmoid(phi) if fraction else torch.exp(phi)
 
 
 def _check_forward(

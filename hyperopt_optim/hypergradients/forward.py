@@ -266,12 +266,6 @@ class ForwardMode(HypergradientMethod):
                 for z in entry.values():
                     z.zero_()
 
-    def tangent_numel(self) -> int:
-        """Elements held in tangents: ``M·|z|`` once every block has been seen."""
-        if self.tangents is None:
-            return 0
-        return sum(z.numel() for g in self.tangents for e in g for z in e.values())
-
     # -- hypergradients ---------------------------------------------------------------------
 
     def hypergradient(self, val_grads: list[list[Tensor | None]]) -> Tensor:
