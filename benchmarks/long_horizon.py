@@ -125,20 +125,14 @@ def train(
         for t in range(setup.steps):
             index = next(order)
             x, y = data.x_train[index], data.y_train[index]
-            if forward:
+            if forward:  # the loss only: the optimizer differentiates it (exact products)
 
                 def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
                     return fn(model(x), y)
 
+                opt.step(closure)
             else:
-
-                def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-                    opt.zero_grad()
-                    loss = fn(model(x), y)
-                    loss.backward()
-                    return loss
-
-            opt.step(closure)
+                opt.step(tuning.torch_closure(opt, model, fn, x, y))
             last = episode == episodes - 1
             if record and last and (t + 1) % setup.record_every == 0:
                 trajectory["step"].append(t + 1)

@@ -278,6 +278,24 @@ def make_optimizer(
     return hyper
 
 
+def torch_closure(
+    opt: torch.optim.Optimizer,
+    model: nn.Module,
+    fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+) -> Callable[[], Tensor]:
+    """torch's closure on one batch: zero the gradients, compute the loss, backward."""
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = fn(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def train_torch_or_hyper(
     data: Data,
     seed: int,
@@ -296,14 +314,7 @@ def train_torch_or_hyper(
     for t in range(config.steps):
         index = next(order)
         x, y = data.x_train[index], data.y_train[index]
-
-        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-            opt.zero_grad()
-            loss = fn(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(torch_closure(opt, model, fn, x, y))
         if record and (t + 1) % config.trajectory_every == 0:
             trajectory["step"].append(t + 1)
             for name, value in group_values(opt).items():

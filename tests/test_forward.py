@@ -148,6 +148,17 @@ def _forward_and_oracle(
     return opt.hypergradients(), want
 
 
+def _hypergradients_after(
+    case: str, seed: int, steps: int, windows: int, **extra: Any
+) -> dict[str, Any]:
+    """Group 0's hypergradients after ``steps`` steps with exact products."""
+    problem = oracle.mlp_problem(seed)
+    opt = _make(case, problem, steps=steps, windows=windows, **extra)
+    for _ in range(steps):
+        _step(opt, problem, "autograd")
+    return opt.hypergradients()[0]
+
+
 # --- exactness -------------------------------------------------------------------------------
 
 
@@ -284,26 +295,20 @@ def test_grad_clamp_is_differentiated_exactly() -> None:
 
 
 def test_clamps_that_never_bind_change_nothing() -> None:
-    runs = []
-    for clamps in (None, {"grad": 1e6, "tangent": 1e6}):
-        problem = oracle.mlp_problem(5)
-        opt = _make("sgd_momentum_wd", problem, steps=6, windows=2, clamps=clamps)
-        for _ in range(6):
-            _step(opt, problem, "autograd")
-        runs.append(opt.hypergradients()[0])
+    runs = [
+        _hypergradients_after("sgd_momentum_wd", 5, 6, 2, clamps=clamps)
+        for clamps in (None, {"grad": 1e6, "tangent": 1e6})
+    ]
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name])
 
 
 def test_tangent_clamp_bounds_each_product() -> None:
     """A tangent clamp that binds changes the hypergradient (the paper's ±1 on H·Z)."""
-    results = []
-    for clamps in (None, {"tangent": 1e-4}):
-        problem = oracle.mlp_problem(5)
-        opt = _make("sgd_momentum_wd", problem, steps=6, windows=2, clamps=clamps)
-        for _ in range(6):
-            _step(opt, problem, "autograd")
-        results.append(opt.hypergradients()[0]["lr"])
+    results = [
+        _hypergradients_after("sgd_momentum_wd", 5, 6, 2, clamps=clamps)["lr"]
+        for clamps in (None, {"tangent": 1e-4})
+    ]
     assert not torch.allclose(results[0], results[1])
 
 
@@ -842,13 +847,7 @@ def test_backtrack_argument_checks() -> None:
 
 def test_foreach_false_gives_the_same_tangents() -> None:
     """``foreach=False`` (one tensor at a time) changes nothing in forward mode."""
-    results = []
-    for foreach in (None, False):
-        problem = oracle.mlp_problem(12)
-        opt = _make("adam", problem, steps=6, windows=3, foreach=foreach)
-        for _ in range(6):
-            _step(opt, problem, "autograd")
-        results.append(opt.hypergradients()[0])
+    results = [_hypergradients_after("adam", 12, 6, 3, foreach=f) for f in (None, False)]
     for name in results[0]:
         assert torch.allclose(results[0][name], results[1][name], rtol=1e-12, atol=1e-15), name
 
