@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .optimizer import HyperOptimizer, HyperOptimizerFactory, _check_real
+from ._checks import check_real, check_torch_flags
+from .optimizer import HyperOptimizer, HyperOptimizerFactory
 from .rules.adam import AdamRule
 
 __all__ = ["HyperAdam", "HyperAdamW"]
@@ -85,24 +86,17 @@ class HyperAdam(HyperOptimizer):
         clamps: Mapping[str, float] | None = None,
         backtrack: bool | None = None,
     ) -> None:
-        for name, flag in (
-            ("amsgrad", amsgrad),
-            ("maximize", maximize),
-            ("decoupled_weight_decay", decoupled_weight_decay),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
+        flags = {
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        check_torch_flags(type(self).__name__, flags, foreach, fused)
         for name, value in (("capturable", capturable), ("differentiable", differentiable)):
             if value is not False:
                 raise ValueError(
                     f"{name}={value!r} is not supported by {type(self).__name__}; leave it False"
                 )
-        if fused:
-            raise ValueError(
-                f"fused={fused!r} is not supported: {type(self).__name__} has no fused kernel"
-            )
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -138,13 +132,13 @@ class HyperAdam(HyperOptimizer):
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:
         where = "" if index is None else f"param group {index}: "
         for name in ("lr", "eps", "weight_decay"):
-            if _check_real(name, group[name], where) < 0:
+            if check_real(name, group[name], where) < 0:
                 raise ValueError(f"{where}Invalid {name} value: {group[name]!r} (must be >= 0)")
         betas = group["betas"]
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise TypeError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
         for i, beta in enumerate(betas):
-            if not 0.0 <= _check_real(f"betas[{i}]", beta, where) < 1.0:
+            if not 0.0 <= check_real(f"betas[{i}]", beta, where) < 1.0:
                 raise ValueError(
                     f"{where}Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))"
                 )

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .optimizer import HyperOptimizer, HyperOptimizerFactory, _check_real
+from ._checks import check_real, check_torch_flags
+from .optimizer import HyperOptimizer, HyperOptimizerFactory
 from .rules.sgd import SGDRule
 
 __all__ = ["HyperSGD"]
@@ -164,18 +165,13 @@ class HyperSGD(HyperOptimizer):
         clamps: Mapping[str, float] | None = None,
         backtrack: bool | None = None,
     ) -> None:
-        for name, flag in (("nesterov", nesterov), ("maximize", maximize)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
+        flags = {"nesterov": nesterov, "maximize": maximize}
+        check_torch_flags("HyperSGD", flags, foreach, fused)
         if differentiable is not False:
             raise ValueError(
                 f"differentiable={differentiable!r} is not supported: HyperSGD differentiates "
                 "its own update"
             )
-        if fused:
-            raise ValueError(f"fused={fused!r} is not supported: HyperSGD has no fused kernel")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -209,7 +205,7 @@ class HyperSGD(HyperOptimizer):
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:
         where = "" if index is None else f"param group {index}: "
         for name in ("lr", "momentum", "dampening", "weight_decay"):
-            value = _check_real(name, group[name], where)
+            value = check_real(name, group[name], where)
             if value < 0:
                 raise ValueError(f"{where}Invalid {name} value: {value!r} (must be >= 0)")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):

@@ -435,8 +435,8 @@ def test_episodic_mode_updates_the_schedule_at_the_end_and_restarts() -> None:
             if t < 19:
                 assert torch.equal(opt.schedules()[0]["lr"], before)  # type: ignore[arg-type]
         finals.append(float(loss()))
-        assert opt._forward.position == 0
-        assert opt._forward.episodes == episode + 1
+        assert opt._method.schedule.position == 0
+        assert opt._method.schedule.episodes == episode + 1
         assert opt.tangent_memory() > 0
         assert not opt.state
         assert not torch.equal(opt.schedules()[0]["lr"], before)  # type: ignore[arg-type]
@@ -452,7 +452,7 @@ def test_episodic_values_follow_the_windows() -> None:
         **FROZEN,
     )  # fmt: skip
     with torch.no_grad():
-        opt._schedules[0]["lr"][0].copy_(torch.log(torch.tensor([0.1, 0.2, 0.3])))
+        opt._method.schedule.values[0]["lr"][0].copy_(torch.log(torch.tensor([0.1, 0.2, 0.3])))
     seen = []
     for _ in range(6):
         opt.step(lambda: (w**2).sum(), val_closure=lambda: (w**2).sum())
@@ -496,13 +496,13 @@ def test_non_finite_tangents_restart_from_zero() -> None:
     opt, loss = _quadratic_run("online", horizon=10, windows=2, update_interval=2)
     for _ in range(1):
         opt.step(loss, val_closure=loss)
-    assert opt._forward.tangents is not None
-    opt._forward.tangents[0][0]["param"].fill_(float("inf"))
+    assert opt._method.tangents.tensors is not None
+    opt._method.tangents.tensors[0][0]["param"].fill_(float("inf"))
     before = opt.schedules()[0]["lr"].clone()  # type: ignore[union-attr]
     with pytest.warns(RuntimeWarning, match="tangents restart"):
         opt.step(loss, val_closure=loss)
     assert torch.equal(opt.schedules()[0]["lr"], before)  # type: ignore[arg-type]
-    assert all(bool(torch.isfinite(z).all()) for z in opt._forward.tangents[0][0].values())
+    assert all(bool(torch.isfinite(z).all()) for z in opt._method.tangents.tensors[0][0].values())
     assert math.isfinite(float(opt.param_groups[0]["lr"]))
 
 
@@ -779,7 +779,7 @@ def test_forward_differences_with_the_gradient_clamp() -> None:
         problem = oracle.mlp_problem(4)
         opt = _make("sgd_momentum_wd", problem, steps=8, windows=2, clamps={"grad": 0.05})
         if how == "forward_difference":
-            opt.hvp = opt._resolved_hvp = "forward_difference"
+            opt.hvp = opt._closures.hvp = opt._closures.resolved = "forward_difference"
             closure = problem.torch_closure(opt)
         else:
             closure = problem.closure
@@ -826,14 +826,14 @@ def test_episodic_backtracks_to_the_best_schedule_with_halved_steps() -> None:
     retry = torch.log(used[2]) - torch.log(used[0])
     assert torch.allclose(retry, first_step / 2)  # the same direction, half the step
     assert finals[2] < finals[0]
-    assert opt._forward.backtracks == 1
+    assert opt._method.schedule.backtracks == 1
 
 
 def test_episodic_without_backtracking_takes_the_papers_steps() -> None:
     opt, used, finals = _overshooting_run(False)
     assert finals[1] > finals[0]
     assert not torch.equal(used[2], used[0])
-    assert opt._forward.backtracks == 0
+    assert opt._method.schedule.backtracks == 0
 
 
 def test_backtrack_argument_checks() -> None:
@@ -968,8 +968,8 @@ def test_a_non_finite_hypergradient_never_becomes_the_best_episode() -> None:
             w.zero_()
         for t in range(10):
             if episode == 0 and t == 9:
-                assert opt._forward.tangents is not None
-                opt._forward.tangents[0][0]["param"].fill_(float("inf"))
+                assert opt._method.tangents.tensors is not None
+                opt._method.tangents.tensors[0][0]["param"].fill_(float("inf"))
             if episode == 0 and t == 9:
                 with pytest.warns(RuntimeWarning, match="not finite"):
                     opt.step(loss, val_closure=loss)
@@ -1013,8 +1013,11 @@ def test_loaded_tangents_take_the_parameters_dtype() -> None:
     twin = oracle.mlp_problem(13, dtype=torch.float32)
     other = _make("sgd_momentum_wd", twin, steps=6, windows=2)
     other.load_state_dict(saved)
-    assert other._forward.tangents is not None
+    assert other._method.tangents.tensors is not None
     assert all(
-        z.dtype == torch.float32 for g in other._forward.tangents for e in g for z in e.values()
+        z.dtype == torch.float32
+        for g in other._method.tangents.tensors
+        for e in g
+        for z in e.values()
     )
     _step(other, twin, "autograd")

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import legacy_state_dicts as legacy
 import pytest
 import torch
-
-import legacy_state_dicts as legacy
 
 RTOL, ATOL = 1e-12, 1e-15
 

@@ -1,25 +1,51 @@
-"""Hypergradient methods and Hessian-vector product providers."""
+"""Hypergradient methods, the interface they share, and Hessian-vector product providers.
+
+Every method is registered here by name; ``HyperSGD(..., method=name)`` builds it through
+:func:`build_method`.  A new method is one new module with a
+:class:`~hyperopt_optim.hypergradients.HypergradientMethod` subclass, and one line below.
+"""
 
 from ._base import (
     ElementwiseHypergradients,
     GroupHypergradients,
     GroupSnapshot,
+    Host,
     HypergradientMethod,
+    MethodOptions,
+    NaturalHypergradients,
     StepContext,
+    StepPlan,
 )
+from ._registry import METHODS, build_method, register_method, schedule_methods
 from .descent import HypergradientDescent
-from .hvp import AutogradHVP, FiniteDifferenceHVP
+from .forward import ForwardMode
+from .hvp import AutogradHVP, FiniteDifferenceHVP, FunctionalHVP
 from .onepass import OnePass, neumann_hypergradient
 
+register_method("ift", OnePass)
+register_method("greedy", OnePass)
+register_method("hd", HypergradientDescent)
+register_method("forward", ForwardMode)
+
 __all__ = [
+    "METHODS",
     "AutogradHVP",
     "ElementwiseHypergradients",
     "FiniteDifferenceHVP",
+    "ForwardMode",
+    "FunctionalHVP",
     "GroupHypergradients",
     "GroupSnapshot",
+    "Host",
     "HypergradientDescent",
     "HypergradientMethod",
+    "MethodOptions",
+    "NaturalHypergradients",
     "OnePass",
     "StepContext",
+    "StepPlan",
+    "build_method",
     "neumann_hypergradient",
+    "register_method",
+    "schedule_methods",
 ]

@@ -1,31 +1,61 @@
-"""What a hypergradient method sees of the optimizer, and what it gives back.
+"""The one interface between the optimizer and a way of computing hypergradients.
 
-A method decides *when* the optimizer keeps the pre-step point ``z_t`` (a
-:class:`GroupSnapshot` per param group) and turns it, after or before an update, into
-element-wise hypergradients ``dL/dλ`` — one tensor per parameter and learned name — which
-the optimizer reduces to the granularity, chains into the unconstrained values and hands to
-the hyper-optimizer.  A new method is one new module implementing
-:class:`HypergradientMethod`.
+Every method — one-pass (``"ift"``, ``"greedy"``), hypergradient descent (``"hd"``), forward
+mode (``"forward"``) — is a :class:`HypergradientMethod`, and the optimizer's ``step`` runs the
+same sequence for each::
+
+    plan = method.plan(t)                  # what the step needs: a snapshot of z_t, products
+    method.begin_step(host, written)       # e.g. show the current window of a schedule
+    <the training closure: .grad, and a graph when exact products are planned>
+    method.before_update(ctx)              # may return hypergradients (hd), or carry tangents
+    <the fast in-place update of every group, with the snapshot's gradients>
+    method.after_update(ctx)               # may return hypergradients (ift, greedy)
+
+Hypergradients returned by a hook are element-wise ``dL/dλ`` (one tensor per parameter and
+learned name) that the optimizer reduces to the granularity, chains into the unconstrained
+values and hands to the hyper-optimizer.  A method that learns schedules steps them itself
+through its :class:`~hyperopt_optim.schedules.Schedules` and the :class:`Host` — what the
+optimizer offers a method outside the step's context.  A new method is one new module with a
+subclass registered in :mod:`hyperopt_optim.hypergradients`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
+from .._learned import LearnedValue
 from ..rules._base import Hyper, RuleState, UpdateRule
 
+if TYPE_CHECKING:
+    from ..schedules import Schedules
+
 __all__ = [
+    "HVP_PROVIDERS",
+    "Closure",
     "ElementwiseHypergradients",
     "GroupHypergradients",
     "GroupSnapshot",
+    "Host",
+    "HyperOptimizerFactory",
     "HypergradientMethod",
+    "MethodOptions",
+    "NaturalHypergradients",
     "StepContext",
+    "StepPlan",
 ]
+
+HVP_PROVIDERS = ("auto", "autograd", "finite_difference", "forward_difference")
+"""How Hessian-vector products may be taken, for every method (a method may add its own)."""
+
+Closure = Callable[[], Any]
+HyperOptimizerFactory = Callable[[list[Tensor]], Optimizer]
 
 
 @dataclass
@@ -44,6 +74,10 @@ class GroupHypergradients:
 ElementwiseHypergradients = list[GroupHypergradients]
 """One entry per param group."""
 
+NaturalHypergradients = list[dict[str, list[Tensor]]]
+"""Per param group, learned name -> one tensor per learned value, in natural units (reduced to
+the granularity; for a schedule, of shape ``(windows,)``)."""
+
 
 @dataclass
 class GroupSnapshot:
@@ -53,11 +87,12 @@ class GroupSnapshot:
         rule: the group's update map.
         live: the parameter tensors themselves (those with a gradient this step).
         indices: their positions in ``group["params"]``.
-        params, grads, state: copies of ``w_t``, ``g(w_t)`` and the state before the update.
+        params, grads, state: ``w_t``, ``g(w_t)`` and the state before the update — copies
+            when the plan asked for them, else the live tensors.  The update uses ``grads``,
+            which ``before_update`` may replace (forward mode's gradient clamp).
         hp: the hyperparameter values the update used.
         flags: the group's structural options.
         names: the learned names.
-        maximize: whether the group maximizes its objective.
     """
 
     rule: UpdateRule
@@ -79,41 +114,166 @@ class GroupSnapshot:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What a method needs from one step.
+
+    Attributes:
+        snapshot: offer the pre-step point of every group (``ctx.groups``) to the hooks.
+        copy: the snapshot holds copies of ``w_t`` and the state (needed by hooks that use
+            them after the update); else the live tensors (read before the update only).
+        products: Hessian-vector products the method will take on this step's batch (0:
+            none); decides whether the closure keeps a graph for exact products.
+    """
+
+    snapshot: bool = False
+    copy: bool = True
+    products: int = 0
+
+
+class Products(Protocol):
+    """Hessian-vector products on this step's training batch, over the concatenation of every
+    group's ``live`` parameters (:mod:`hyperopt_optim._closures`)."""
+
+    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+        """``H d`` for one direction (one tensor per parameter)."""
+
+    def columns(self, directions: list[Tensor]) -> list[Tensor]:
+        """``H d`` for every leading column of ``directions`` (tensors ``(C, *shape)``)."""
+
+
 @dataclass
 class StepContext:
     """What the optimizer offers a method during one step.
 
     Attributes:
+        host: the optimizer.
         step: the index of this step (0 for the first).
-        groups: the snapshot of every param group, when the method asked for one.
+        groups: the snapshot of every param group, when the plan asked for one.
         gradients: this step's training gradients of a group's parameters, given the group's
             index and the parameters' positions in it (zeros where a parameter has none).
-        validation_gradient: ``∇_w L_V`` at the current weights for the given parameters, or
-            ``None`` when the validation loss is not finite (the hyper-update is skipped).
-        hvp: Hessian-vector products at the snapshot's point on this step's batch, over the
-            concatenation of every group's ``live`` parameters; ``None`` without a closure.
+        val_closure: the validation closure, when there is one.
+        hvp: Hessian-vector products at ``w_t`` on this step's batch, when the plan asked for
+            them and a training closure was given; else ``None``.
     """
 
+    host: Host
     step: int
     groups: list[GroupSnapshot] | None
     gradients: Callable[[int, list[int]], list[Tensor]]
-    validation_gradient: Callable[[list[Tensor]], list[Tensor] | None]
-    hvp: Callable[[list[Tensor]], list[Tensor]] | None
+    val_closure: Closure | None = None
+    hvp: Products | None = None
+
+    def validation_gradient(self, params: list[Tensor]) -> list[Tensor] | None:
+        """``∇_w L_V`` at the current weights for ``params``, or ``None`` when the validation
+        loss is not finite (counted and warned as a skipped hyper-step)."""
+        if self.val_closure is None:
+            raise RuntimeError("no validation closure")
+        return self.host.validation_gradient(self.val_closure, params)
+
+
+class Host(Protocol):
+    """What the optimizer offers a method beyond one step's context."""
+
+    #: the optimizer's class name, for messages
+    name: str
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's param groups."""
+
+    @property
+    def state(self) -> Any:
+        """The optimizer's per-parameter state (``torch.optim.Optimizer.state``)."""
+
+    @property
+    def hyper_optimizer(self) -> Optimizer | None:
+        """The optimizer of the learned values (or of the schedules)."""
+
+    @property
+    def learned(self) -> list[dict[str, LearnedValue]]:
+        """Per param group, name -> the learned value."""
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """``step``, ``hyper_steps`` and ``skipped_hyper_steps``, to update in place."""
+
+    def show(self, index: int, name: str) -> None:
+        """Recompute group ``index``'s values of ``name`` from ``φ`` and show them in the group."""
+
+    def step_learned(self, natural: NaturalHypergradients, *, record: bool = True) -> bool:
+        """Chain ``dL/dλ`` into ``φ``, step the hyper-optimizer and show the new values;
+        ``False`` (skipped) when a hypergradient is not finite."""
+
+    def record_hypergradients(self, natural: NaturalHypergradients) -> None:
+        """What :meth:`~hyperopt_optim.HyperOptimizer.hypergradients` returns from now on."""
+
+    def skip(self, why: str) -> None:
+        """Count and warn about a skipped hyper-step."""
+
+    def validation_gradient(
+        self, val_closure: Closure, params: list[Tensor]
+    ) -> list[Tensor] | None:
+        """``∇_w L_V`` for ``params``; ``None`` (skipped) when the loss is not finite."""
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The hypergradient arguments of an optimizer, as the user gave them (``None``: not
+    given); each method checks and takes its own, and refuses none of the others'."""
+
+    method: str
+    granularity: Any
+    hvp: str
+    neumann_steps: object = None
+    update_interval: object = None
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 class HypergradientMethod(ABC):
-    """The interface between the optimizer and a way of computing hypergradients."""
+    """The interface between the optimizer and a way of computing hypergradients.
+
+    Class attributes describe the method to the optimizer; instances keep the method's state
+    (saved in the optimizer's ``state_dict`` under ``"method"``).
+    """
 
     #: whether the method differentiates a validation loss (else the training loss)
-    uses_validation: bool = True
+    uses_validation: ClassVar[bool] = True
+    #: the keyword arguments of the optimizer that only this method takes (with their
+    #: ``None`` default), checked by :meth:`from_options`
+    options: ClassVar[tuple[str, ...]] = ()
+    #: the Hessian-vector product providers the method can use
+    hvp_providers: ClassVar[tuple[str, ...]] = HVP_PROVIDERS
+    #: the method needs a training closure (or ``loss_fn``) on every step, and why
+    requires_closure: ClassVar[str | None] = None
+    #: the method takes ``step(loss_fn=...)`` instead of a closure
+    accepts_loss_fn: ClassVar[bool] = False
+    #: the method has :meth:`compute_hypergradients` and schedules
+    learns_schedules: ClassVar[bool] = False
+
+    name: str = ""
+    update_interval: int = 1
+    neumann_steps: int = 0
+    #: the schedules it learns, if any
+    schedule: Schedules | None = None
+    #: the hyper-optimizer to use when the user gives none (``None``: the optimizer's default)
+    default_hyper_optimizer: HyperOptimizerFactory | None = None
+
+    @classmethod
+    @abstractmethod
+    def from_options(cls, options: MethodOptions) -> HypergradientMethod:
+        """Check the method's own options and build it."""
+
+    # -- the step ---------------------------------------------------------------------------
 
     @abstractmethod
-    def wants_snapshot(self, step: int) -> bool:
-        """Whether the optimizer should keep ``z_t`` (and the step's gradient) at ``step``."""
+    def plan(self, step: int) -> StepPlan:
+        """What step ``step`` needs."""
 
-    def neumann_steps(self, step: int) -> int:
-        """How many Hessian-vector products the method will ask for at ``step``."""
-        return 0
+    def begin_step(self, host: Host, written: set[tuple[int, str]]) -> None:
+        """Called first in every step, after values written into the param groups from
+        outside (``written``: ``(group index, name)``) were taken up."""
+        return None
 
     def before_update(self, ctx: StepContext) -> ElementwiseHypergradients | None:
         """Called after the gradient is known and before the update; may return hypergradients."""
@@ -123,8 +283,48 @@ class HypergradientMethod(ABC):
         """Called after the update; may return hypergradients."""
         return None
 
+    # -- param groups and what the hyper-optimizer steps -------------------------------------
+
+    def add_group(self, host: Host, index: int) -> None:
+        """Param group ``index`` was added (its learned values are ``host.learned[index]``)."""
+        return None
+
+    def stepped_values(self, index: int, learned: dict[str, LearnedValue]) -> list[Tensor]:
+        """The tensors the hyper-optimizer steps for param group ``index``."""
+        return [phi for lv in learned.values() for phi in lv.phi]
+
+    def zero_hypergradients(
+        self, index: int, learned: dict[str, LearnedValue]
+    ) -> dict[str, list[Tensor]]:
+        """``hypergradients()`` of group ``index`` before the first hyper-step, in natural units."""
+        return {name: [torch.zeros_like(phi) for phi in lv.phi] for name, lv in learned.items()}
+
+    # -- exact hypergradients on demand --------------------------------------------------------
+
+    def compute_hypergradients(self, host: Host, val_closure: Closure) -> None:
+        """Record the hypergradients at the current point, without a hyper-step."""
+        raise RuntimeError(
+            f"compute_hypergradients() needs a method with schedules, not method={self.name!r}"
+        )
+
+    def memory(self) -> int:
+        """Bytes the method keeps between steps beyond the optimizer's state (tangents)."""
+        return 0
+
+    # -- state ------------------------------------------------------------------------------
+
+    def restart(self, learned: list[dict[str, LearnedValue]]) -> None:
+        """torch's own state dict was loaded: restart from the loaded learned values."""
+        return None
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse, before anything loads, a state the method cannot take."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], params: list[list[Tensor]]) -> None:
+        """Load :meth:`state_dict`'s output; ``params``: each group's parameters (to move
+        tensors to their device and dtype, as torch does with optimizer state)."""
         return None

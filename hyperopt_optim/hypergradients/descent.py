@@ -20,11 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_neumann_steps, check_positive_int
 from ._base import (
     ElementwiseHypergradients,
     GroupHypergradients,
     HypergradientMethod,
+    MethodOptions,
     StepContext,
+    StepPlan,
 )
 
 __all__ = ["HypergradientDescent"]
@@ -40,13 +43,18 @@ class HypergradientDescent(HypergradientMethod):
 
     uses_validation = False
 
+    @classmethod
+    def from_options(cls, options: MethodOptions) -> HypergradientDescent:
+        check_neumann_steps(options.neumann_steps, options.method, 0)
+        return cls(check_positive_int("update_interval", options.update_interval, 1))
+
     def __init__(self, update_interval: int) -> None:
         self.update_interval = update_interval
         # (step, per group: (indices of its parameters, name -> ∂w'/∂λ per parameter))
         self._pending: tuple[int, list[tuple[list[int], dict[str, list[Tensor]]]]] | None = None
 
-    def wants_snapshot(self, step: int) -> bool:
-        return (step + 1) % self.update_interval == 0
+    def plan(self, step: int) -> StepPlan:
+        return StepPlan(snapshot=(step + 1) % self.update_interval == 0)
 
     def before_update(self, ctx: StepContext) -> ElementwiseHypergradients | None:
         pending, self._pending = self._pending, None
@@ -84,7 +92,7 @@ class HypergradientDescent(HypergradientMethod):
         ]
         return {"pending": {"step": step, "groups": groups}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], params: list[list[Tensor]]) -> None:
         pending = state.get("pending")
         if pending is None:
             self._pending = None

@@ -1,363 +1,257 @@
 r"""Forward-mode hypergradients with sharing (Micaelli & Storkey 2021, arXiv 2007.07869).
 
 Each learned hyperparameter has a *schedule* of ``N`` values shared over ``N`` contiguous
-windows of a horizon of ``T`` steps: step ``t`` uses value :math:`k(t) = \lfloor N t / T
-\rfloor`.  The optimizer carries the tangents :math:`Z = \partial z / \partial \lambda`, one
-column per learned value (``M = N·V`` columns, ``V`` values per window), through the whole
-state :math:`z = (w, s)` — weights and buffers — and every step:
+windows of a horizon of ``T`` steps (:mod:`hyperopt_optim.schedules`): step ``t`` uses value
+:math:`k(t) = \lfloor N t / T \rfloor`.  The method carries the tangents
+:math:`Z = \partial z / \partial \lambda`, one column per learned value of every window,
+through the whole state :math:`z = (w, s)` (:mod:`~hyperopt_optim.hypergradients.tangents`):
+before each update, at :math:`z_t`,
 
 .. math::
 
-    Z_{t+1} = J_t Z_t + \frac{\partial U}{\partial \lambda_{k(t)}} e_{k(t)}^\top,\qquad
-    J_t = \frac{\partial U}{\partial z} + \frac{\partial U}{\partial g} H_t
-    \frac{\partial w}{\partial z}.
+    Z_{t+1} = J_t Z_t + \frac{\partial U}{\partial \lambda_{k(t)}} e_{k(t)}^\top,
 
-For the element-wise update rules of :mod:`hyperopt_optim.rules`, every block of
-:math:`\partial U/\partial z`, :math:`\partial U/\partial g` and :math:`\partial U/\partial
-\lambda` is diagonal, so :func:`step_jacobian` reads the diagonals off the rules' own
-closed-form products (``state_vjp``, ``hyper_vjp``) with unit cotangents, once per step
-whatever ``M``; :func:`propagate` then costs element-wise arithmetic plus one
-Hessian-vector product :math:`H Z_w` per active column.  Columns are laid out window by
-window, so at window ``k`` only the first ``(k+1)·V`` columns are non-zero and only those are
-propagated.  At any step the hypergradient of every window's value is exact:
+one Hessian-vector product per active column.  The hypergradient of every window's value,
+:math:`\nabla_w L_V \cdot Z_w`, is exact over the whole episode (online: the run), and the
+schedule steps with it — online every ``update_interval`` steps (the current window's value),
+episodic at the end of each episode (the whole schedule; then the tangents and the optimizer's
+buffers restart).
 
-.. math::
-
-    \frac{d L_V(w_t)}{d \lambda_k} = \nabla_w L_V(w_t) \cdot Z_{w,t}[:, k],
-
-with memory ``M·|z|`` whatever the horizon.  Tangents are kept in natural units (``∂z/∂λ``);
-the optimizer multiplies by ``dλ/dφ`` when it steps the unconstrained values ``φ``, which
-gives ``∂z/∂φ`` exactly whenever the values were held fixed over the episode.
-
-The paper's two clamps are options: the training gradient clipped element-wise to
-``±grad`` (the tangent then sees the clip's derivative, zero where it binds) and each
-:math:`H Z` product clipped to ``±tangent``.  Both are off by default.
+Tangents are kept in natural units (``∂z/∂λ``); the schedule multiplies by ``dλ/dφ`` when it
+steps the unconstrained values ``φ``, which gives ``∂z/∂φ`` exactly whenever the values were
+held fixed over the episode.  The paper's two clamps are options: the training gradient
+clipped element-wise to ``±grad`` (the tangents then see the clip's derivative, zero where it
+binds) and each :math:`H Z` product clipped to ``±tangent``.  Both are off by default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
-from ..rules._base import Hyper, RuleState, UpdateRule
-from ._base import HypergradientMethod
+from .._checks import check_clamps, check_neumann_steps, check_schedule_options
+from .._learned import LearnedValue
+from ..schedules import ScheduleOptions, Schedules, window_of
+from ..sign_step import SignStep
+from ._base import (
+    HVP_PROVIDERS,
+    Closure,
+    ElementwiseHypergradients,
+    Host,
+    HypergradientMethod,
+    MethodOptions,
+    NaturalHypergradients,
+    StepContext,
+    StepPlan,
+)
+from .tangents import PARAM, Column, StepJacobian, Tangents, propagate, step_jacobian
 
-__all__ = [
-    "PARAM",
-    "Column",
-    "ForwardMode",
-    "StepJacobian",
-    "batched_products",
-    "propagate",
-    "step_jacobian",
-    "window_of",
-]
+__all__ = ["DEFAULT_SIGN_STEP", "ForwardMode", "window_of"]
 
-PARAM = "param"
-"""The name of the weight block of ``z`` among the state blocks."""
-
-MODES = ("online", "episodic")
-
-
-def window_of(step: int, horizon: int, windows: int) -> int:
-    """``k(t) = ⌊N t / T⌋``, held at the last window past the horizon."""
-    return min(windows - 1, windows * step // horizon)
-
-
-@dataclass
-class StepJacobian:
-    """The diagonals of one step's Jacobians for the live parameters of one param group.
-
-    Attributes:
-        outputs: the blocks of ``z`` the step writes: ``"param"``, then the rule's state
-            buffers (the same blocks, before the step, are the inputs).
-        state: ``state[o][i]`` is :math:`\\partial o'/\\partial i`, one tensor per parameter.
-        grad: :math:`\\partial o'/\\partial g` per output block.
-        hyper: :math:`\\partial o'/\\partial \\lambda` per output block and learned name.
-    """
-
-    outputs: tuple[str, ...]
-    state: dict[str, dict[str, list[Tensor]]]
-    grad: dict[str, list[Tensor]]
-    hyper: dict[str, dict[str, list[Tensor]]]
+DEFAULT_SIGN_STEP = 0.3
+DEFAULT_UPDATE_INTERVAL = 10
 
 
-def step_jacobian(
-    rule: UpdateRule,
-    params: list[Tensor],
-    grads: list[Tensor],
-    state: RuleState,
-    hp: dict[str, Hyper],
-    flags: dict[str, object],
-    names: tuple[str, ...],
-) -> StepJacobian:
-    """Read the diagonal Jacobian blocks of ``U`` at ``z_t`` off the rule's products.
-
-    One ``state_vjp`` and one ``hyper_vjp`` per output block, with a cotangent of ones on that
-    block and zeros elsewhere: for an element-wise map, row ``o`` of every block is then its
-    diagonal.
-    """
-    ones = [torch.ones_like(p) for p in params]
-    zeros = [torch.zeros_like(p) for p in params]
-    first = rule.state_vjp(params, grads, state, hp, flags, ones, {})
-    buffers = tuple(first.state)
-    outputs = (PARAM, *buffers)
-    jac = StepJacobian(outputs, {}, {}, {})
-    for o in outputs:
-        a_w = ones if o == PARAM else zeros
-        a_s: RuleState = {s: list(ones if s == o else zeros) for s in buffers}
-        part = first if o == PARAM else rule.state_vjp(params, grads, state, hp, flags, a_w, a_s)
-        blocks = {PARAM: part.params}
-        for s in buffers:
-            blocks[s] = [z if x is None else x for x, z in zip(part.state[s], zeros, strict=True)]
-        jac.state[o] = blocks
-        jac.grad[o] = part.grads
-        jac.hyper[o] = rule.hyper_vjp(params, grads, state, hp, flags, a_w, a_s, names)
-    return jac
-
-
-def propagate(
-    jac: StepJacobian,
-    tangents: dict[str, list[Tensor]],
-    hz: list[Tensor],
-    active: int,
-    *,
-    grad_mask: list[Tensor] | None = None,
-) -> None:
-    """``Z[:active] ← J Z[:active]`` in place, for one group's live parameters.
-
-    Args:
-        jac: the step's diagonals.
-        tangents: block -> one tensor ``(M, *shape)`` per parameter (a missing block is zero).
-        hz: ``H Z_w[:active]``, one ``(active, *shape)`` tensor per parameter.
-        active: how many leading columns can be non-zero.
-        grad_mask: where the clipped training gradient moves with ``w`` (the clamp's
-            derivative), one tensor per parameter; ``None`` without the clamp.
-    """
-    n = len(hz)
-    new: dict[str, list[Tensor]] = {o: [] for o in jac.outputs}
-    for j in range(n):
-        drive = hz[j] if grad_mask is None else hz[j] * grad_mask[j]
-        for o in jac.outputs:
-            value = drive * jac.grad[o][j]
-            for i in jac.outputs:
-                carried = tangents.get(i)
-                if carried is not None:
-                    value.addcmul_(carried[j][:active], jac.state[o][i][j])
-            new[o].append(value)
-    for o, values in new.items():
-        for target, value in zip(tangents[o], values, strict=True):
-            target[:active].copy_(value)
-
-
-@dataclass(frozen=True)
-class Column:
-    """One learned value within a window: param group, name and index in its ``φ`` list."""
-
-    group: int
-    name: str
-    value: int
+def _sign_step(params: list[Tensor]) -> Optimizer:
+    return SignStep(params, lr=DEFAULT_SIGN_STEP)  # the paper's outer update
 
 
 class ForwardMode(HypergradientMethod):
-    """The state of ``method="forward"``: the schedule layout, the tangents, the position.
-
-    The optimizer drives it step by step (it needs a Hessian-vector product per column on
-    every step, which the one-pass interface does not offer); this class keeps what must be
-    saved and the arithmetic that does not touch the optimizer.
+    """``method="forward"``: exact hypergradients of schedules by forward-mode tangents.
 
     Args:
-        horizon: ``T``, the number of steps in an episode (the run, online).
-        windows: ``N``, values per learned hyperparameter over the horizon.
-        mode: ``"online"`` (one run, the current window's value steps every
-            ``update_interval`` steps) or ``"episodic"`` (the schedule steps at the end of
-            each episode of ``horizon`` steps, then the tangents and buffers restart).
-        update_interval: steps between online hyper-steps.
+        options: the schedules' horizon, windows, mode, update interval and backtracking.
         grad_clamp, tangent_clamp: the paper's clamps, or ``None``.
     """
 
-    uses_validation = True
+    options = ("horizon", "windows", "mode", "clamps", "backtrack")
+    hvp_providers = (*HVP_PROVIDERS, "autograd_batched")
+    requires_closure = (
+        "the tangents take a Hessian-vector product of the training loss per learned value"
+    )
+    accepts_loss_fn = True
+    learns_schedules = True
+
+    @classmethod
+    def from_options(cls, options: MethodOptions) -> ForwardMode:
+        check_neumann_steps(options.neumann_steps, options.method, 0)
+        extra = options.extra
+        schedule = check_schedule_options(
+            options.method,
+            options.granularity,
+            extra.get("horizon"),
+            extra.get("windows"),
+            extra.get("mode"),
+            options.update_interval,
+            extra.get("backtrack"),
+            default_update_interval=DEFAULT_UPDATE_INTERVAL,
+        )
+        return cls(schedule, *check_clamps(extra.get("clamps")))
 
     def __init__(
-        self,
-        horizon: int,
-        windows: int,
-        mode: str,
-        update_interval: int,
-        grad_clamp: float | None,
-        tangent_clamp: float | None,
+        self, options: ScheduleOptions, grad_clamp: float | None, tangent_clamp: float | None
     ) -> None:
-        self.horizon = horizon
-        self.windows = windows
-        self.mode = mode
-        self.update_interval = update_interval
+        self.schedule: Schedules = Schedules(options, "forward")
+        self.update_interval = options.update_interval
         self.grad_clamp = grad_clamp
         self.tangent_clamp = tangent_clamp
-        self.columns: list[Column] = []
-        #: per param group, per parameter position: block -> (M, *shape) tangent
-        self.tangents: list[list[dict[str, Tensor]]] | None = None
-        #: the step within the episode (online: within the run)
-        self.position = 0
-        self.episodes = 0
-        self.loaded_window: int | None = None
-        #: episodic backtracking: the best end-of-episode validation loss and its schedules
-        self.backtrack = False
-        self.best_loss: float | None = None
-        self.best_schedules: list[dict[str, list[Tensor]]] | None = None
-        self.best_natural: list[dict[str, list[Tensor]]] | None = None
-        self.backtracks = 0
+        self.tangents = Tangents(options.windows)
+        self.default_hyper_optimizer = _sign_step if self.schedule.episodic else None
+        self._window = 0
 
-    # -- the layout -------------------------------------------------------------------------
+    # -- the step -----------------------------------------------------------------------------
 
-    def set_columns(self, columns: list[Column]) -> None:
-        """The values of one window, in order; column ``k·V + v`` is value ``v`` of window ``k``."""
-        self.columns = list(columns)
-        self.tangents = None
+    def plan(self, step: int) -> StepPlan:
+        # The products are taken before the update, so the snapshot may be the live tensors.
+        return StepPlan(snapshot=True, copy=False, products=max(1, self.tangents.size))
 
-    @property
-    def values_per_window(self) -> int:
-        return len(self.columns)
+    def begin_step(self, host: Host, written: set[tuple[int, str]]) -> None:
+        self._window = self.schedule.enter_step(host, written)
 
-    @property
-    def size(self) -> int:
-        """``M``: how many tangent columns."""
-        return self.windows * len(self.columns)
+    def before_update(self, ctx: StepContext) -> ElementwiseHypergradients | None:
+        """Propagate the tangents through this step's update, at ``z_t``."""
+        groups, products = ctx.groups, ctx.hvp
+        assert groups is not None and products is not None
+        masks = None
+        if self.grad_clamp is not None:  # the update and the tangents see the clipped gradient
+            c = self.grad_clamp
+            masks = [[g.abs() < c for g in group.grads] for group in groups]
+            for group in groups:
+                group.grads = [g.clamp(-c, c) for g in group.grads]
+        with torch.no_grad():
+            jacobians = [
+                step_jacobian(g.rule, g.params, g.grads, g.state, g.hp, g.flags, g.names)
+                for g in groups
+            ]
+        blocks = sorted({o for jac in jacobians for o in jac.outputs}, key=lambda b: b != PARAM)
+        self.tangents.allocate([group["params"] for group in ctx.host.param_groups], blocks)
+        tensors = self.tangents.tensors
+        assert tensors is not None
+        active = self.tangents.active(self._window)
+        directions = [
+            tensors[i][j][PARAM][:active] for i, g in enumerate(groups) for j in g.indices
+        ]
+        hz = products.columns(directions)
+        if self.tangent_clamp is not None:
+            for x in hz:
+                x.clamp_(-self.tangent_clamp, self.tangent_clamp)
+        with torch.no_grad():
+            start = 0
+            for i, (group, jac) in enumerate(zip(groups, jacobians, strict=True)):
+                entries = [tensors[i][j] for j in group.indices]
+                propagate(
+                    jac,
+                    {b: [e[b] for e in entries] for b in jac.outputs},
+                    hz[start : start + len(group.indices)],
+                    active,
+                    grad_mask=None if masks is None else masks[i],
+                )
+                start += len(group.indices)
+                self._add_sources(ctx.host.learned[i], i, group.indices, jac, entries)
+        return None
 
-    def window(self) -> int:
-        return window_of(self.position, self.horizon, self.windows)
-
-    def active(self, window: int) -> int:
-        """How many leading columns can be non-zero during ``window``."""
-        return (window + 1) * len(self.columns)
-
-    def episode_ends(self) -> bool:
-        return self.mode == "episodic" and self.position == self.horizon - 1
-
-    def online_due(self, step: int) -> bool:
-        return self.mode == "online" and (step + 1) % self.update_interval == 0
-
-    def allocate(self, groups: Sequence[Sequence[Tensor]], blocks: Sequence[str]) -> None:
-        """Zero tangents ``(M, *shape)`` for every parameter and block, if not there yet."""
-        if self.tangents is None:
-            self.tangents = [[{} for _ in params] for params in groups]
-        for per_group, params in zip(self.tangents, groups, strict=True):
-            for entry, p in zip(per_group, params, strict=True):
-                for block in blocks:
-                    if block not in entry:
-                        entry[block] = torch.zeros(
-                            (self.size, *p.shape), dtype=p.dtype, device=p.device
-                        )
-
-    def forget_best(self) -> None:
-        """Episodic backtracking starts afresh (the schedules changed shape or value)."""
-        self.best_loss = None
-        self.best_schedules = None
-        self.best_natural = None
-
-    def zero_tangents(self) -> None:
-        if self.tangents is None:
-            return
-        for per_group in self.tangents:
-            for entry in per_group:
-                for z in entry.values():
-                    z.zero_()
-
-    # -- hypergradients ---------------------------------------------------------------------
-
-    def hypergradient(self, val_grads: list[list[Tensor | None]]) -> Tensor:
-        """``∇_w L_V · Z_w`` for every column: a float64 vector of length ``M``.
-
-        Args:
-            val_grads: per group, per parameter position, ``∇L_V`` (``None`` for none).
-        """
-        total: Tensor | None = None
-        assert self.tangents is not None
-        for per_group, grads in zip(self.tangents, val_grads, strict=True):
-            for entry, g in zip(per_group, grads, strict=True):
-                z = entry.get(PARAM)
-                if g is None or z is None:
+    def _add_sources(
+        self,
+        learned: dict[str, LearnedValue],
+        index: int,
+        indices: list[int],
+        jac: StepJacobian,
+        entries: list[dict[str, Tensor]],
+    ) -> None:
+        """``Z[:, k·V + v] += ∂z'/∂λ_v`` for the values of param group ``index``."""
+        base = self._window * self.tangents.values_per_window
+        for v, column in enumerate(self.tangents.columns):
+            if column.group != index:
+                continue
+            lv = learned[column.name]
+            for n, j in enumerate(indices):
+                if lv.granularity != "scalar" and j != column.value:
                     continue
-                dots = (z.reshape(self.size, -1) @ g.reshape(-1).to(z.dtype)).to(torch.float64)
-                total = dots if total is None else total + dots.to(total.device)
-        if total is None:
-            return torch.zeros(self.size, dtype=torch.float64)
-        return total.cpu()  # one transfer
+                for block in jac.outputs:
+                    entries[n][block][base + v].add_(jac.hyper[block][column.name][n])
 
-    def split(self, vector: Tensor) -> dict[Column, Tensor]:
-        """A length-``M`` vector as one length-``N`` vector per value (its schedule)."""
-        by_window = vector.reshape(self.windows, len(self.columns))
-        return {c: by_window[:, v] for v, c in enumerate(self.columns)}
+    def after_update(self, ctx: StepContext) -> ElementwiseHypergradients | None:
+        """The schedule's hyper-step when one is due; at an episode's end, the restart."""
+        assert ctx.val_closure is not None
+        val_closure, host = ctx.val_closure, ctx.host
+        if self.schedule.hyper_step_due(ctx.step):
+            self.schedule.hyper_step(
+                host, self._window, lambda: self._hypergradients(host, val_closure), val_closure
+            )
+        if self.schedule.advance():  # the episode ended: tangents and buffers restart
+            self.tangents.zero()
+            host.state.clear()
+        return None
 
-    # -- state ------------------------------------------------------------------------------
+    def _hypergradients(self, host: Host, val_closure: Closure) -> NaturalHypergradients | None:
+        """``∇L_V · Z`` per value and window, recorded as the last hypergradients; ``None``
+        (and the tangents restart) when it is not finite."""
+        if self.tangents.tensors is None:
+            return [self.schedule.zero_hypergradients(i) for i in range(len(host.learned))]
+        params = [p for group in host.param_groups for p in group["params"] if p.requires_grad]
+        grads = host.validation_gradient(val_closure, params)
+        if grads is None:
+            return None
+        by_param = {id(p): g for p, g in zip(params, grads, strict=True)}
+        val_grads = [[by_param.get(id(p)) for p in group["params"]] for group in host.param_groups]
+        vector = self.tangents.hypergradient(val_grads)
+        if not bool(torch.isfinite(vector).all()):
+            host.skip("a hypergradient is not finite (the tangents restart from zero)")
+            self.tangents.zero()
+            return None
+        per_value = self.tangents.split(vector)
+        natural = [
+            {
+                name: [per_value[Column(g, name, j)].to(phi.device) for j, phi in enumerate(lv.phi)]
+                for name, lv in learned.items()
+            }
+            for g, learned in enumerate(host.learned)
+        ]
+        host.record_hypergradients(natural)
+        return natural
 
-    def wants_snapshot(self, step: int) -> bool:
-        return False
+    def compute_hypergradients(self, host: Host, val_closure: Closure) -> None:
+        self._hypergradients(host, val_closure)
+
+    # -- param groups and what the hyper-optimizer steps -------------------------------------
+
+    def add_group(self, host: Host, index: int) -> None:
+        self.schedule.add_group(host.learned[index])
+        self.tangents.set_columns(
+            [
+                Column(g, name, j)
+                for g, learned in enumerate(host.learned)
+                for name, lv in learned.items()
+                for j in range(len(lv.phi))
+            ]
+        )
+
+    def stepped_values(self, index: int, learned: dict[str, LearnedValue]) -> list[Tensor]:
+        return self.schedule.stepped_values(index, learned)
+
+    def zero_hypergradients(
+        self, index: int, learned: dict[str, LearnedValue]
+    ) -> dict[str, list[Tensor]]:
+        return self.schedule.zero_hypergradients(index)
+
+    def memory(self) -> int:
+        return self.tangents.memory()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def restart(self, learned: list[dict[str, LearnedValue]]) -> None:
+        self.schedule.restart(learned)
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        self.schedule.check_state_dict(state.get("schedule"))
+        self.tangents.check_state_dict(state.get("tangents"))
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "position": self.position,
-            "episodes": self.episodes,
-            "loaded_window": self.loaded_window,
-            "best_loss": self.best_loss,
-            "best_schedules": self.best_schedules,
-            "best_natural": self.best_natural,
-            "backtracks": self.backtracks,
-            "tangents": None
-            if self.tangents is None
-            else [[{k: z.clone() for k, z in e.items()} for e in g] for g in self.tangents],
-        }
+        return {"tangents": self.tangents.state_dict(), "schedule": self.schedule.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = int(state["position"])
-        self.episodes = int(state["episodes"])
-        self.loaded_window = state["loaded_window"]
-        self.best_loss = state.get("best_loss")
-        best = state.get("best_schedules")
-        self.best_schedules = (
-            None
-            if best is None
-            else [{k: [x.clone() for x in v] for k, v in g.items()} for g in best]
-        )
-        natural = state.get("best_natural")
-        self.best_natural = (
-            None
-            if natural is None
-            else [{k: [x.clone() for x in v] for k, v in g.items()} for g in natural]
-        )
-        self.backtracks = int(state.get("backtracks", 0))
-        saved = state["tangents"]
-        if saved is None:
-            self.tangents = None
-            return
-        if len(saved) and any(
-            z.shape[0] != self.size for g in saved for e in g for z in e.values()
-        ):
-            raise ValueError(
-                f"the state dict's tangents have another number of columns than this "
-                f"optimizer's M = {self.size} (windows times learned values): was it saved with "
-                "other windows, learned names or granularity?"
-            )
-        self.tangents = [[{k: z.clone() for k, z in e.items()} for e in g] for g in saved]
-
-
-def batched_products(
-    product: Callable[[list[Tensor]], list[Tensor]], directions: list[Tensor]
-) -> list[Tensor]:
-    """A one-direction Hessian-vector product applied to each leading column of ``directions``.
-
-    An all-zero column is skipped (``H·0 = 0``): a window whose value has not acted yet.
-    """
-    if not directions:
-        return []
-    out = [torch.zeros_like(d) for d in directions]
-    for c in range(directions[0].shape[0]):
-        column = [d[c] for d in directions]
-        if not any(bool(x.any()) for x in column):
-            continue
-        for target, hd in zip(out, product(column), strict=True):
-            target[c].copy_(hd)
-    return out
+    def load_state_dict(self, state: dict[str, Any], params: list[list[Tensor]]) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.tangents.load_state_dict(state["tangents"], params)

@@ -23,7 +23,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["AutogradHVP", "FiniteDifferenceHVP", "FunctionalHVP", "clone_parameter_saves"]
+__all__ = [
+    "AutogradHVP",
+    "FiniteDifferenceHVP",
+    "FunctionalHVP",
+    "batched_products",
+    "clone_parameter_saves",
+]
 
 
 @contextmanager
@@ -219,3 +225,22 @@ class FunctionalHVP:
                 "returns the loss without backward() (exact batched double backward)"
             ) from error
         return [x.detach() for x in products]
+
+
+def batched_products(
+    product: Callable[[list[Tensor]], list[Tensor]], directions: list[Tensor]
+) -> list[Tensor]:
+    """A one-direction Hessian-vector product applied to each leading column of ``directions``.
+
+    An all-zero column is skipped (``H·0 = 0``): a window whose value has not acted yet.
+    """
+    if not directions:
+        return []
+    out = [torch.zeros_like(d) for d in directions]
+    for c in range(directions[0].shape[0]):
+        column = [d[c] for d in directions]
+        if not any(bool(x.any()) for x in column):
+            continue
+        for target, hd in zip(out, product(column), strict=True):
+            target[c].copy_(hd)
+    return out

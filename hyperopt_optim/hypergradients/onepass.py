@@ -25,14 +25,20 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._checks import check_neumann_steps, check_positive_int
 from ..rules._base import RuleState
 from ._base import (
     ElementwiseHypergradients,
     GroupHypergradients,
     GroupSnapshot,
     HypergradientMethod,
+    MethodOptions,
     StepContext,
+    StepPlan,
 )
+
+DEFAULT_NEUMANN_STEPS = 4
+DEFAULT_UPDATE_INTERVAL = 10
 
 __all__ = ["OnePass", "neumann_hypergradient"]
 
@@ -112,15 +118,22 @@ class OnePass(HypergradientMethod):
 
     uses_validation = True
 
+    @classmethod
+    def from_options(cls, options: MethodOptions) -> OnePass:
+        default = DEFAULT_NEUMANN_STEPS if options.method == "ift" else 0
+        return cls(
+            check_neumann_steps(options.neumann_steps, options.method, default),
+            check_positive_int("update_interval", options.update_interval, DEFAULT_UPDATE_INTERVAL),
+        )
+
     def __init__(self, neumann_steps: int, update_interval: int) -> None:
-        self._terms = neumann_steps
+        self.neumann_steps = neumann_steps
         self.update_interval = update_interval
 
-    def wants_snapshot(self, step: int) -> bool:
-        return (step + 1) % self.update_interval == 0
-
-    def neumann_steps(self, step: int) -> int:
-        return self._terms if self.wants_snapshot(step) else 0
+    def plan(self, step: int) -> StepPlan:
+        if (step + 1) % self.update_interval != 0:
+            return StepPlan()
+        return StepPlan(snapshot=True, copy=True, products=self.neumann_steps)
 
     def after_update(self, ctx: StepContext) -> ElementwiseHypergradients | None:
         if ctx.groups is None:
@@ -129,5 +142,5 @@ class OnePass(HypergradientMethod):
         outer = ctx.validation_gradient(live)
         if outer is None:
             return None
-        steps = self._terms if ctx.hvp is not None else 0
+        steps = self.neumann_steps if ctx.hvp is not None else 0
         return neumann_hypergradient(ctx.groups, outer, ctx.hvp, steps)

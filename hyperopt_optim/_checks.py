@@ -1,0 +1,340 @@
+"""Argument checks shared by every optimizer, method and component.
+
+Bad input gets a ``ValueError`` or ``TypeError`` that names the argument and the value.  The
+optimizer classes check torch's own arguments here (:func:`check_torch_flags`,
+:func:`check_real`), :class:`~hyperopt_optim.optimizer.HyperOptimizer` the hypergradient
+arguments, and each hypergradient method the options it owns (:func:`check_neumann_steps`,
+:func:`check_schedule_options`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import cast
+
+from torch import Tensor
+
+from ._learned import GRANULARITIES, Granularity, LearnedValue
+from .rules._base import Parametrisation
+from .schedules import MODES, ScheduleOptions
+
+__all__ = [
+    "CLAMP_NAMES",
+    "DEFAULT_WINDOWS",
+    "check_bool",
+    "check_bounds",
+    "check_callable",
+    "check_choice",
+    "check_clamps",
+    "check_granularity",
+    "check_learn",
+    "check_learnable_value",
+    "check_neumann_steps",
+    "check_positive_int",
+    "check_real",
+    "check_saved_shapes",
+    "check_schedule_options",
+    "check_torch_flags",
+    "check_training_loss",
+    "check_validation_loss",
+    "is_int",
+]
+
+DEFAULT_WINDOWS = 10
+CLAMP_NAMES = ("grad", "tangent")
+
+
+def is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# -- torch's own arguments -------------------------------------------------------------------
+
+
+def check_real(argument: str, value: object, where: str = "") -> float:
+    """A real number (a float, an int or a 0-dim real tensor), else a TypeError."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{where}{argument} must be a real number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{where}{argument} must be a number, got {value!r}")
+    return float(value)
+
+
+def check_bool(argument: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{argument} must be a bool, got {value!r}")
+    return value
+
+
+def check_torch_flags(
+    owner: str, flags: Mapping[str, object], foreach: object, fused: object
+) -> None:
+    """torch's structural flags: ``flags`` must be bools, ``foreach`` None or a bool, and
+    ``fused`` unset (no fused kernel)."""
+    for name, flag in flags.items():
+        check_bool(name, flag)
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
+    if fused:
+        raise ValueError(f"fused={fused!r} is not supported: {owner} has no fused kernel")
+
+
+def check_callable(argument: str, value: object) -> None:
+    if not callable(value):
+        raise TypeError(f"{argument} must be callable, got {value!r}")
+
+
+def check_choice(argument: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{argument} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_positive_int(argument: str, value: object, default: int) -> int:
+    if value is None:
+        return default
+    if not is_int(value) or cast(int, value) < 1:
+        raise ValueError(f"{argument} must be an integer >= 1, got {value!r}")
+    return cast(int, value)
+
+
+# -- what is learned ---------------------------------------------------------------------------
+
+
+def check_learn(learn: object, learnable: tuple[str, ...]) -> tuple[str, ...]:
+    names = (learn,) if isinstance(learn, str) else learn
+    if not isinstance(names, Iterable):
+        raise TypeError(f"learn must be a name or a sequence of names, got {learn!r}")
+    names = tuple(names)
+    if not names:
+        raise ValueError(f"learn must name at least one of {learnable}, got {learn!r}")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"learn must hold names (str), got {name!r} in {learn!r}")
+        if name not in learnable:
+            hint = " (Adam's betas are learned as 'beta1' and 'beta2')" if name == "betas" else ""
+            raise ValueError(
+                f"learn: {name!r} is not learnable here; choose from {learnable}{hint}"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"learn names a hyperparameter twice: {learn!r}")
+    return names
+
+
+def check_granularity(
+    granularity: object, learn: tuple[str, ...]
+) -> Granularity | dict[str, Granularity]:
+    """One granularity for every learned name, or a mapping ``{name: granularity}``.
+
+    Names the mapping leaves out are ``"scalar"``; names it gives must be learned.
+    """
+    if isinstance(granularity, str):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        return cast(Granularity, granularity)
+    if not isinstance(granularity, Mapping):
+        raise TypeError(
+            f"granularity must be a string or a mapping from learned names to strings, "
+            f"got {granularity!r}"
+        )
+    out: dict[str, Granularity] = {}
+    for name, value in granularity.items():
+        if name not in learn:
+            raise ValueError(
+                f"granularity names {name!r}, which is not learned; learn is {list(learn)}"
+            )
+        if value not in GRANULARITIES:
+            raise ValueError(f"granularity[{name!r}] must be one of {GRANULARITIES}, got {value!r}")
+        out[name] = cast(Granularity, value)
+    return {name: out.get(name, "scalar") for name in learn}
+
+
+def check_bounds(
+    bounds: Mapping[str, tuple[float, float]] | None,
+    parametrisation: Mapping[str, Parametrisation],
+) -> dict[str, tuple[float, float]]:
+    out = {name: (p.low, p.high) for name, p in parametrisation.items()}
+    if bounds is None:
+        return out
+    if not isinstance(bounds, Mapping):
+        raise TypeError(f"bounds must be a mapping from name to (low, high), got {bounds!r}")
+    for name, pair in bounds.items():
+        if name not in parametrisation:
+            raise ValueError(
+                f"bounds: {name!r} is not learnable here; choose from {tuple(parametrisation)}"
+            )
+        try:
+            low, high = (float(x) for x in pair)
+        except (TypeError, ValueError):
+            raise TypeError(f"bounds[{name!r}] must be a pair of numbers, got {pair!r}") from None
+        fraction = parametrisation[name].fraction
+        top = 1.0 if fraction else math.inf
+        if not (0 < low < high < top):
+            raise ValueError(
+                f"bounds[{name!r}] must satisfy 0 < low < high{' < 1' if fraction else ''}, "
+                f"got {pair!r}"
+            )
+        out[name] = (low, high)
+    return out
+
+
+def check_learnable_value(
+    name: str, value: float, bounds: tuple[float, float], fraction: bool, group: int
+) -> None:
+    low, high = bounds
+    if not (low <= value <= high):
+        kind = "a fraction in (0, 1)" if fraction else "positive"
+        raise ValueError(
+            f"param group {group}: {name}={value!r} cannot be learned: a learned {name} must be "
+            f"{kind} and within its bounds [{low:g}, {high:g}] (set bounds={{{name!r}: (low, "
+            f"high)}} to change them)"
+        )
+
+
+# -- the methods' options ----------------------------------------------------------------------
+
+
+def check_neumann_steps(value: object, method: str, default: int) -> int:
+    """``K``: ``default`` when not given; a method whose default is 0 takes none."""
+    if value is None:
+        return default
+    if not is_int(value) or cast(int, value) < 0:
+        raise ValueError(f"neumann_steps must be an integer >= 0, got {value!r}")
+    if default == 0 and value != 0:
+        raise ValueError(f"method={method!r} takes no Neumann terms, got neumann_steps={value!r}")
+    return cast(int, value)
+
+
+def check_schedule_options(
+    method: str,
+    granularity: Granularity | dict[str, Granularity],
+    horizon: object,
+    windows: object,
+    mode: object,
+    update_interval: object,
+    backtrack: object,
+    *,
+    default_update_interval: int,
+) -> ScheduleOptions:
+    """The options of a method that learns schedules over windows (``method="forward"``)."""
+    grans = [granularity] if isinstance(granularity, str) else list(granularity.values())
+    if "element" in grans:
+        raise ValueError(
+            f"method={method!r} does not learn per-weight values (granularity 'element'): it "
+            "carries one tangent the size of the whole optimizer state per learned value, so a "
+            "value per weight would need memory of the number of weights squared; use "
+            "granularity 'scalar' or 'tensor', or method='ift' for per-weight values"
+        )
+    if horizon is None:
+        raise ValueError(
+            f"method={method!r} needs horizon: the number of steps of the run (online) or of "
+            "each episode (episodic), over which the windows are laid"
+        )
+    if not is_int(horizon) or cast(int, horizon) < 1:
+        raise ValueError(f"horizon must be an integer >= 1, got {horizon!r}")
+    h = cast(int, horizon)
+    if windows is None:
+        windows = min(DEFAULT_WINDOWS, h)
+    if not is_int(windows) or not 1 <= cast(int, windows) <= h:
+        raise ValueError(f"windows must be an integer in [1, horizon={h}], got {windows!r}")
+    mode = check_choice("mode", "online" if mode is None else mode, MODES)
+    if mode == "episodic" and update_interval is not None:
+        raise ValueError(
+            f"update_interval={update_interval!r} does not apply to mode='episodic': the "
+            "schedule is updated once, at the end of each episode of horizon steps"
+        )
+    if backtrack is not None and not isinstance(backtrack, bool):
+        raise TypeError(f"backtrack must be a bool, got {backtrack!r}")
+    if backtrack and mode != "episodic":
+        raise ValueError("backtrack=True applies to mode='episodic' only (whole reruns to compare)")
+    interval = h if mode == "episodic" else update_interval
+    return ScheduleOptions(
+        horizon=h,
+        windows=cast(int, windows),
+        mode=mode,
+        update_interval=check_positive_int("update_interval", interval, default_update_interval),
+        backtrack=mode == "episodic" if backtrack is None else backtrack,
+    )
+
+
+def check_clamps(clamps: object) -> tuple[float | None, float | None]:
+    """Forward mode's clamps ``{"grad": c, "tangent": c}``: ``(grad, tangent)``, ``None`` if off."""
+    bounds: dict[str, float | None] = {"grad": None, "tangent": None}
+    if clamps is not None:
+        if not isinstance(clamps, Mapping):
+            raise TypeError(
+                f"clamps must be a mapping like {{'grad': 3.0, 'tangent': 1.0}}, got {clamps!r}"
+            )
+        for name, value in clamps.items():
+            if name not in CLAMP_NAMES:
+                raise ValueError(f"clamps: {name!r} is not a clamp; choose from {CLAMP_NAMES}")
+            c = check_real(f"clamps[{name!r}]", value)
+            if not c > 0:
+                raise ValueError(f"clamps[{name!r}] must be positive, got {value!r}")
+            bounds[name] = c
+    return bounds["grad"], bounds["tangent"]
+
+
+# -- closures and state dicts --------------------------------------------------------------------
+
+
+def check_training_loss(loss: object) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(
+            "a closure that does not call backward() must return the training loss as a scalar "
+            f"tensor, got {loss if not isinstance(loss, Tensor) else tuple(loss.shape)!r}"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "the closure's loss does not depend on the parameters (requires_grad=False) and "
+            "the closure did not call backward()"
+        )
+    return loss.reshape(())
+
+
+def check_validation_loss(value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            "val_closure must return the validation loss as a scalar tensor, got "
+            f"{type(value).__name__}"
+        )
+    if value.numel() != 1:
+        raise ValueError(
+            "val_closure must return the validation loss as a scalar tensor, got a tensor of "
+            f"shape {tuple(value.shape)}"
+        )
+    if not value.requires_grad:
+        raise ValueError(
+            "val_closure returned a loss that does not depend on the parameters "
+            "(requires_grad=False): compute it from the model with gradients enabled"
+        )
+    return value.reshape(())
+
+
+def check_saved_shapes(
+    learned: list[dict[str, LearnedValue]], saved: list[dict[str, list[Tensor]]]
+) -> None:
+    """A state dict's learned values must have this optimizer's shapes (granularity)."""
+    if len(saved) != len(learned):
+        raise ValueError(
+            f"the state dict has {len(saved)} param groups of learned values, this optimizer "
+            f"{len(learned)}"
+        )
+    for group, values in zip(learned, saved, strict=True):
+        if set(values) != set(group):
+            raise ValueError(
+                f"the state dict learns {sorted(values)}, this optimizer {sorted(group)}"
+            )
+        for name, lv in group.items():
+            if len(values[name]) != len(lv.phi) or any(
+                phi.shape != x.shape for phi, x in zip(lv.phi, values[name], strict=True)
+            ):
+                shapes = [tuple(x.shape) for x in values[name]]
+                raise ValueError(
+                    f"the state dict's learned {name!r} has shapes {shapes}, this optimizer's "
+                    f"{[tuple(p.shape) for p in lv.phi]} (granularity {lv.granularity!r}): was it "
+                    "saved with another granularity?"
+                )

@@ -1,0 +1,234 @@
+"""The training and validation closures, and the Hessian-vector products they give.
+
+A training closure follows torch's convention (it calls ``backward()``) or only returns the
+loss, in which case the optimizer differentiates it — keeping the graph when exact products
+will be taken.  Which one a closure is shows in the post-accumulate-grad hooks of the
+parameters.  ``hvp="auto"`` resolves, closure by closure, to ``"autograd"`` (the loss alone)
+or ``"finite_difference"`` (torch's convention).  ``step(loss_fn=...)`` gives the loss as a
+pure function of the parameters, for exact batched products by ``torch.func``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from ._checks import check_training_loss, check_validation_loss
+from .hypergradients._base import Closure, GroupSnapshot
+from .hypergradients.hvp import (
+    AutogradHVP,
+    FiniteDifferenceHVP,
+    FunctionalHVP,
+    batched_products,
+    clone_parameter_saves,
+)
+
+__all__ = ["EXACT_HVPS", "Closures", "StepProducts", "grad", "validation_gradient"]
+
+EXACT_HVPS = ("autograd", "autograd_batched")
+LossFn = Callable[[list[Tensor]], Tensor]
+HVP = Callable[[list[Tensor]], list[Tensor]]
+
+
+def grad(
+    output: Tensor, inputs: list[Tensor], *, create_graph: bool = False
+) -> list[Tensor | None]:
+    """``torch.autograd.grad`` with ``None`` for inputs the output does not depend on."""
+    grads = torch.autograd.grad(output, inputs, create_graph=create_graph, allow_unused=True)
+    return cast(list[Tensor | None], list(grads))
+
+
+def _zeros_for_none(grads: list[Tensor | None], like: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(like, grads, strict=True)]
+
+
+def validation_gradient(
+    val_closure: Closure, params: list[Tensor], skip: Callable[[str], None]
+) -> list[Tensor] | None:
+    """``∇_w L_V`` for ``params``; ``None`` after ``skip(why)`` when the loss is not finite."""
+    with torch.enable_grad():
+        value = check_validation_loss(val_closure())
+        if not bool(torch.isfinite(value.detach()).all()):
+            skip(f"the validation loss is {float(value.detach())}")
+            return None
+        grads = grad(value, params)
+    return _zeros_for_none(grads, params)
+
+
+class StepProducts:
+    """Hessian-vector products at ``w_t`` on one step's batch, over ``live`` (the
+    concatenation of every group's live parameters).
+
+    Args:
+        make: builds the one-direction product when it is first asked for (finite differences
+            keep the weights of that moment, to put back after each product).
+        columns: products of many columns at once, when the provider batches them.
+    """
+
+    def __init__(self, make: Callable[[], HVP], columns: HVP | None = None) -> None:
+        self._make = make
+        self._single: HVP | None = None
+        self._columns = columns
+
+    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+        if self._single is None:
+            self._single = self._make()
+        return self._single(directions)
+
+    def columns(self, directions: list[Tensor]) -> list[Tensor]:
+        if self._columns is not None:
+            return self._columns(directions)
+        return batched_products(self, directions)
+
+
+class Closures:
+    """Runs the closures of one optimizer and builds the products of each step.
+
+    Args:
+        hvp: the provider the user asked for (``"auto"`` resolves per closure).
+    """
+
+    def __init__(self, hvp: str) -> None:
+        self.hvp = hvp
+        self.resolved: str | None = None if hvp == "auto" else hvp
+        self._count = [0]
+        self._handles: list[Any] = []
+        self._graph: dict[int, Tensor] | None = None
+        self._functional: tuple[FunctionalHVP, list[Tensor]] | None = None
+
+    def watch(self, p: Tensor) -> None:
+        """Count the backward passes that reach ``p`` (torch's closure calls ``backward()``)."""
+        counter = self._count
+        hook = p.register_post_accumulate_grad_hook  # untyped in torch
+        self._handles.append(hook(lambda _p, c=counter: c.__setitem__(0, c[0] + 1)))  # type: ignore[no-untyped-call]
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def finite_differences(self) -> bool:
+        """Whether this step's products are differences of gradients."""
+        return self._graph is None and self._functional is None
+
+    # -- the training closure ----------------------------------------------------------------
+
+    def run(
+        self, closure: Closure | None, loss_fn: LossFn | None, trainable: list[Tensor], exact: bool
+    ) -> Any:
+        """Evaluate the step's training loss and leave its gradient in ``.grad``.
+
+        Args:
+            closure, loss_fn: the step's training closure or loss function (at most one).
+            trainable: every parameter that requires a gradient, in the groups' order.
+            exact: products will be taken on this step: keep what exact ones need.
+        Returns:
+            what the closure or ``loss_fn`` returned.
+        """
+        self._graph, self._functional = None, None
+        if loss_fn is not None:
+            with torch.enable_grad():
+                loss = check_training_loss(loss_fn(trainable))
+                grads = grad(loss, trainable)
+            for p, g in zip(trainable, grads, strict=True):
+                p.grad = None if g is None else g.detach()  # unused: skipped, as torch does
+            if exact:
+                self._functional = (FunctionalHVP(loss_fn, trainable), trainable)
+            return loss
+        if closure is None:
+            return None
+        graph_wanted = exact and self.resolved in (None, *EXACT_HVPS)
+        before = self._count[0]
+        saves = clone_parameter_saves(trainable) if graph_wanted else nullcontext()
+        with torch.enable_grad(), saves:
+            loss = closure()
+            if self._count[0] != before:  # torch's convention: backward was called
+                if self.hvp in EXACT_HVPS and graph_wanted:
+                    raise RuntimeError(
+                        f"hvp={self.hvp!r} needs a closure that returns the loss without calling "
+                        "backward(); use hvp='finite_difference' with torch's ordinary closure"
+                    )
+                if self.hvp == "auto":  # decided by the closure in hand, step by step
+                    self.resolved = "finite_difference"
+                return loss
+            grads = grad(check_training_loss(loss), trainable, create_graph=graph_wanted)
+        for p, g in zip(trainable, grads, strict=True):
+            p.grad = None if g is None else g.detach()
+        if self.hvp == "auto":
+            self.resolved = "autograd"
+        if graph_wanted:
+            self._graph = {id(p): g for p, g in zip(trainable, grads, strict=True) if g is not None}
+        return loss
+
+    def gradient(self, closure: Closure, live: list[Tensor]) -> list[Tensor]:
+        """The training gradient of ``live`` at the parameters' current values."""
+        before = self._count[0]
+        with torch.enable_grad():
+            loss = closure()
+            if self._count[0] != before:
+                return [torch.zeros_like(p) if p.grad is None else p.grad for p in live]
+            grads = grad(check_training_loss(loss), live)
+        return _zeros_for_none(grads, live)
+
+    # -- the products ------------------------------------------------------------------------
+
+    def products(self, closure: Closure | None, groups: list[GroupSnapshot]) -> StepProducts | None:
+        """The step's products over the groups' live parameters, at the snapshot's point;
+        ``None`` without a training closure or ``loss_fn``."""
+        live = [p for g in groups for p in g.live]
+        if self._functional is not None:
+            functional, trainable = self._functional
+            return StepProducts(
+                lambda: lambda d: [x[0] for x in _functional_columns(functional, trainable, live)(
+                    [y.unsqueeze(0) for y in d]
+                )],
+                _functional_columns(functional, trainable, live),
+            )  # fmt: skip
+        if self._graph is not None:
+            graph = self._graph
+            provider = AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
+            batched = provider.batched if self.hvp == "autograd_batched" else None
+            return StepProducts(lambda: provider, batched)
+        if closure is None:
+            return None
+        point = [x for g in groups for x in g.params]
+        at_point = [x for g in groups for x in g.grads]  # the step's own, unclipped
+        central = self.resolved != "forward_difference"
+        return StepProducts(
+            lambda: FiniteDifferenceHVP(
+                live, point, at_point, lambda: self.gradient(closure, live), central=central
+            )
+        )
+
+    def release(self) -> None:
+        """Drop the step's graph."""
+        self._graph, self._functional = None, None
+
+
+def _functional_columns(
+    functional: FunctionalHVP, trainable: list[Tensor], live: list[Tensor]
+) -> HVP:
+    """``loss_fn``'s batched products for the live parameters: the others (a frozen parameter
+    with a stale ``.grad``, or one the loss does not use) get zero directions and products."""
+    position = {id(p): n for n, p in enumerate(trainable)}
+
+    def columns(directions: list[Tensor]) -> list[Tensor]:
+        if not directions:
+            return []
+        by_id = {id(p): d for p, d in zip(live, directions, strict=True)}
+        count = directions[0].shape[0]
+        full = [
+            by_id[id(p)] if id(p) in by_id else p.new_zeros((count, *p.shape)) for p in trainable
+        ]
+        products = functional(full)
+        return [
+            products[position[id(p)]] if id(p) in position else torch.zeros_like(d)
+            for p, d in zip(live, directions, strict=True)
+        ]
+
+    return columns

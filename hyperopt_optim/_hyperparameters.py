@@ -1,0 +1,236 @@
+"""The learned hyperparameters of an optimizer, and what its method may do with them.
+
+:class:`LearnedHyperparameters` holds every param group's learned values
+(:class:`~hyperopt_optim._learned.LearnedValue`), keeps the float each shows in its param
+group (and takes up a float written there from outside, by a scheduler or the user), reduces
+element-wise hypergradients to each value's granularity, chains them into the unconstrained
+values ``φ`` and steps those with the hyper-optimizer, and counts steps, hyper-steps and skipped
+ones.  It is the :class:`~hyperopt_optim.hypergradients.Host` a hypergradient method works
+with, so a method never reaches into the optimizer itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._closures import validation_gradient
+from ._learned import LearnedValue
+from .hypergradients._base import Closure, ElementwiseHypergradients, NaturalHypergradients
+from .rules._base import Hyper
+
+if TYPE_CHECKING:
+    from .optimizer import HyperOptimizer
+
+__all__ = ["LearnedHyperparameters"]
+
+
+class LearnedHyperparameters:
+    """The learned values of every param group of ``optimizer``.
+
+    Attributes:
+        groups: per param group, name -> the learned value.
+        counters: ``step``, ``hyper_steps`` and ``skipped_hyper_steps``.
+        last: the hypergradients of the last hyper-step, in natural units.
+    """
+
+    def __init__(self, optimizer: HyperOptimizer) -> None:
+        # a proxy, not a reference: no cycle keeps the optimizer (and its state) alive
+        self._opt = cast("HyperOptimizer", weakref.proxy(optimizer))
+        self.name = type(optimizer).__name__
+        self.groups: list[dict[str, LearnedValue]] = []
+        self.counters = {"step": 0, "hyper_steps": 0, "skipped_hyper_steps": 0}
+        self.last: NaturalHypergradients = []
+
+    # -- the Host interface ---------------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._opt.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self._opt.state
+
+    @property
+    def hyper_optimizer(self) -> Optimizer | None:
+        return self._opt.hyper_optimizer
+
+    @property
+    def learned(self) -> list[dict[str, LearnedValue]]:
+        return self.groups
+
+    def show(self, index: int, name: str) -> None:
+        """Recompute the values of ``name`` in group ``index`` from ``φ`` and show them."""
+        group, lv = self.param_groups[index], self.groups[index][name]
+        lv.values = []
+        shown = lv.refresh(group["params"])
+        assert shown is not None
+        self._opt._set_group_value(group, name, shown)
+        lv.shown = shown
+
+    def skip(self, why: str) -> None:
+        self.counters["skipped_hyper_steps"] += 1
+        warnings.warn(
+            f"{self.name}: {why}; this hyper-update is skipped (the learned hyperparameters are "
+            "unchanged)",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    def validation_gradient(
+        self, val_closure: Closure, params: list[Tensor]
+    ) -> list[Tensor] | None:
+        return validation_gradient(val_closure, params, self.skip)
+
+    def record_hypergradients(self, natural: NaturalHypergradients) -> None:
+        self.last = [{k: [x.detach().clone() for x in v] for k, v in g.items()} for g in natural]
+
+    def step_learned(self, natural: NaturalHypergradients, *, record: bool = True) -> bool:
+        """Chain ``dL/dλ`` (one value per learned value) into ``φ`` and step the hyper-optimizer;
+        ``False`` (skipped, counted and warned) when a hypergradient is not finite."""
+        flat = [x for group in natural for xs in group.values() for x in xs]
+        if flat and not bool(torch.stack([torch.isfinite(x).all().cpu() for x in flat]).all()):
+            self.skip("a hypergradient is not finite")
+            return False
+        if record:
+            self.record_hypergradients(natural)
+        optimizer = self.hyper_optimizer
+        assert optimizer is not None
+        value_of = self._opt._group_value
+        before = []
+        for group, learned, grads in zip(self.param_groups, self.groups, natural, strict=True):
+            for name, lv in learned.items():
+                for phi, g in zip(
+                    lv.phi, lv.chain(grads[name], value_of(group, name)), strict=True
+                ):
+                    phi.grad = g.to(phi.dtype)
+                    before.append(phi.clone())
+        with torch.no_grad():
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        moved = iter(before)
+        for group, learned in zip(self.param_groups, self.groups, strict=True):
+            for name, lv in learned.items():
+                lv.clip_()
+                changed = [phi != next(moved) for phi in lv.phi]
+                shown = lv.refresh(group["params"], changed)
+                if shown is not None:
+                    self._opt._set_group_value(group, name, shown)
+                    lv.shown = shown
+        self.counters["hyper_steps"] += 1
+        return True
+
+    # -- what the optimizer asks --------------------------------------------------------------
+
+    def apply(self, elementwise: ElementwiseHypergradients | None) -> bool:
+        """Reduce element-wise ``dL/dλ`` to each value's granularity and step; whether the
+        learned values moved."""
+        if elementwise is None:
+            return False
+        natural: NaturalHypergradients = []
+        for group, learned, hg in zip(self.param_groups, self.groups, elementwise, strict=True):
+            reduced = {}
+            for name, lv in learned.items():
+                reduced[name] = lv.reduce(_place(hg.values[name], hg.indices, group["params"], lv))
+            natural.append(reduced)
+        return self.step_learned(natural)
+
+    def take_external_writes(self) -> set[tuple[int, str]]:
+        """Take up values written into the param groups from outside; returns which."""
+        taken = set()
+        for index, (group, learned) in enumerate(zip(self.param_groups, self.groups, strict=True)):
+            for name, lv in learned.items():
+                value = self._opt._group_value(group, name)
+                if value != lv.shown:
+                    shown = lv.take_external(value, group["params"])
+                    self._opt._set_group_value(group, name, shown)
+                    lv.shown = shown
+                    taken.add((index, name))
+        return taken
+
+    def values(
+        self, index: int, indices: list[int], learnable: tuple[str, ...]
+    ) -> dict[str, Hyper]:
+        """The values the update of group ``index`` reads, for the parameters at ``indices``:
+        the group's float for a scalar (or unlearned) name, else one tensor per parameter."""
+        group = self.param_groups[index]
+        learned = self.groups[index]
+        hp: dict[str, Hyper] = {}
+        for name in learnable:
+            lv = learned.get(name)
+            if lv is None or lv.granularity == "scalar":
+                hp[name] = self._opt._group_value(group, name)
+            else:
+                hp[name] = [lv.values[i] for i in indices]
+        return hp
+
+    def natural(self) -> list[dict[str, Tensor | list[Tensor]]]:
+        """The learned values in natural units (what ``hyperparameters()`` returns)."""
+        out: list[dict[str, Tensor | list[Tensor]]] = []
+        for group, learned in zip(self.param_groups, self.groups, strict=True):
+            entry: dict[str, Tensor | list[Tensor]] = {}
+            for name, lv in learned.items():
+                values = lv.natural_values(self._opt._group_value(group, name))
+                entry[name] = values[0] if lv.granularity == "scalar" else values
+            out.append(entry)
+        return out
+
+    def hypergradients(self) -> list[dict[str, Tensor | list[Tensor]]]:
+        """The last hypergradients, shaped like :meth:`natural`."""
+        out: list[dict[str, Tensor | list[Tensor]]] = []
+        for grads, learned in zip(self.last, self.groups, strict=True):
+            entry: dict[str, Tensor | list[Tensor]] = {}
+            for name, g in grads.items():
+                scalar = learned[name].granularity == "scalar"
+                entry[name] = g[0].clone() if scalar else [x.clone() for x in g]
+            out.append(entry)
+        return out
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "phi": [{k: [x.clone() for x in lv.phi] for k, lv in g.items()} for g in self.groups],
+            "shown": [{k: lv.shown for k, lv in g.items()} for g in self.groups],
+            "counters": dict(self.counters),
+            "hypergradients": [
+                {k: [x.clone() for x in v] for k, v in g.items()} for g in self.last
+            ],
+        }
+
+    def load_state_dict(self, hyper: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for learned, saved, shown in zip(
+                self.groups, hyper["phi"], hyper["shown"], strict=True
+            ):
+                for name, lv in learned.items():
+                    for phi, x in zip(lv.phi, saved[name], strict=True):
+                        phi.copy_(x)
+                    lv.shown = float(shown[name])
+        for group, learned in zip(self.param_groups, self.groups, strict=True):
+            for lv in learned.values():
+                if lv.granularity != "scalar":
+                    lv.values = []
+                    lv.refresh(group["params"])
+        self.counters = dict(hyper["counters"])
+        self.last = [
+            {k: [x.clone() for x in v] for k, v in g.items()} for g in hyper["hypergradients"]
+        ]
+
+
+def _place(
+    values: list[Tensor], indices: list[int], params: list[Tensor], lv: LearnedValue
+) -> list[Tensor]:
+    """Element-wise values for the covered parameters, zeros for the rest of the group."""
+    if lv.granularity == "scalar" and len(indices) == len(params):
+        return values
+    full = [torch.zeros_like(p) for p in params]
+    for i, v in zip(indices, values, strict=True):
+        full[i] = v
+    return full

@@ -1,0 +1,58 @@
+"""The methods by name: ``method="ift"`` and the others resolve here.
+
+A new method registers its class with :func:`register_method` (in
+:mod:`hyperopt_optim.hypergradients`); :func:`build_method` refuses the options that belong to
+other methods, checks the product provider, and lets the class check and take its own.
+"""
+
+from __future__ import annotations
+
+from ._base import HypergradientMethod, MethodOptions
+
+__all__ = ["METHODS", "build_method", "register_method", "schedule_methods"]
+
+METHODS: dict[str, type[HypergradientMethod]] = {}
+"""name -> the class that implements it (one class may serve several names)."""
+
+
+def register_method(name: str, cls: type[HypergradientMethod]) -> None:
+    """Make ``method=name`` build ``cls`` (through ``cls.from_options``)."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is registered already ({METHODS[name].__name__})")
+    METHODS[name] = cls
+
+
+def schedule_methods() -> str:
+    """The methods that learn schedules, as a message names them."""
+    names = [name for name, cls in METHODS.items() if cls.learns_schedules]
+    return f"method={names[0]!r}" if len(names) == 1 else f"a method in {tuple(names)}"
+
+
+def _owners(option: str) -> str:
+    names = [name for name, cls in METHODS.items() if option in cls.options]
+    return f"method={names[0]!r}" if len(names) == 1 else f"the methods {tuple(names)}"
+
+
+def build_method(options: MethodOptions) -> HypergradientMethod:
+    """The method ``options.method``, with its options checked.
+
+    Raises:
+        ValueError: an option of another method was given, or ``hvp`` is a provider the
+            method cannot use.
+    """
+    cls = METHODS[options.method]
+    for option, value in options.extra.items():
+        if value is not None and option not in cls.options:
+            raise ValueError(
+                f"{option}={value!r} is an option of {_owners(option)}, not "
+                f"method={options.method!r}"
+            )
+    if options.hvp not in cls.hvp_providers:
+        users = [name for name, c in METHODS.items() if options.hvp in c.hvp_providers]
+        raise ValueError(
+            f"hvp={options.hvp!r} is for method={users[0] if len(users) == 1 else users!r}, "
+            f"not method={options.method!r} (use 'autograd')"
+        )
+    method = cls.from_options(options)
+    method.name = options.method
+    return method
