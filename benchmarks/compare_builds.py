@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import overhead  # noqa: E402
+import overhead
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -182,7 +182,8 @@ class Closures:
         ``None`` without a training closure or ``loss_fn``."""
         live = [p for g in groups for p in g.live]
         if self._functional is not None:
-            functional, trainable = self._functional
+            # the products own what they need: dropping them frees it (see StepContext.hvp)
+            (functional, trainable), self._functional = self._functional, None
             return StepProducts(
                 lambda: lambda d: [x[0] for x in _functional_columns(functional, trainable, live)(
                     [y.unsqueeze(0) for y in d]
@@ -190,7 +191,7 @@ class Closures:
                 _functional_columns(functional, trainable, live),
             )  # fmt: skip
         if self._graph is not None:
-            graph = self._graph
+            graph, self._graph = self._graph, None
             provider = AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
             batched = provider.batched if self.hvp == "autograd_batched" else None
             return StepProducts(lambda: provider, batched)

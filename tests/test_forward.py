@@ -638,6 +638,12 @@ def test_new_param_group_mid_episode_is_refused() -> None:
     opt.step(lambda: (w**2).sum(), val_closure=lambda: (w**2).sum())
     with pytest.raises(RuntimeError, match="only before the first step of an episode"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))]})
+    # refused whole: the optimizer goes on as it was, with one group
+    assert len(opt.param_groups) == 1
+    assert len(opt.hyperparameters()) == len(opt.schedules()) == 1
+    for _ in range(3):
+        opt.step(lambda: (w**2).sum(), val_closure=lambda: (w**2).sum())
+    assert opt.hyper_state["step"] == 4
 
 
 # --- SignStep --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The demo and the overhead benchmark run end to end (tiny configurations), so they never rot.
+"""The demo and the benchmarks run end to end (tiny configurations), so they never rot.
 
 Timings are never asserted: only that each script finishes and writes what it promises.
 """
@@ -53,6 +53,26 @@ def test_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert "torch.optim.SGD" in table
     assert "ift" in table
     assert "forward, scalar, 5 windows, batched" in table
+
+
+def test_compare_builds_runs(tmp_path: Path) -> None:
+    """Two builds side by side: here the committed package (HEAD) against the work tree."""
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "results"
+    command = [str(ROOT / "benchmarks" / "compare_builds.py"), "--before", "HEAD"]
+    command += ["--models", "mlp", "--steps", "2", "--warmup", "1", "--repeats", "1"]
+    command += ["--variants", "greedy, scalar", "--out", str(out)]
+    done = _run(command, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "compare_builds.json").read_text())
+    row = report["models"]["mlp"]["greedy, scalar"]
+    assert set(row) == {"before", "after", "after/before"}
+    assert row["after/before"]["median"] > 0
+    assert "| greedy, scalar |" in (out / "compare_builds.md").read_text()
 
 
 def test_tuning_benchmark_smoke(tmp_path: Path) -> None:

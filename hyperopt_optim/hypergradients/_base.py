@@ -154,7 +154,9 @@ class StepContext:
             index and the parameters' positions in it (zeros where a parameter has none).
         val_closure: the validation closure, when there is one.
         hvp: Hessian-vector products at ``w_t`` on this step's batch, when the plan asked for
-            them and a training closure was given; else ``None``.
+            them and a training closure was given; else ``None``.  They hold the training
+            loss's graph (exact products): a method done with them sets ``ctx.hvp = None`` so
+            that the graph is freed before the update.
     """
 
     host: Host

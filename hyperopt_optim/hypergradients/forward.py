@@ -135,6 +135,7 @@ class ForwardMode(HypergradientMethod):
             tensors[i][j][PARAM][:active] for i, g in enumerate(groups) for j in g.indices
         ]
         hz = products.columns(directions)
+        ctx.hvp = products = None  # frees the loss's graph before the propagation and update
         if self.tangent_clamp is not None:
             for x in hz:
                 x.clamp_(-self.tangent_clamp, self.tangent_clamp)
