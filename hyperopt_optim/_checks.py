@@ -27,6 +27,7 @@ __all__ = [
     "check_callable",
     "check_choice",
     "check_clamps",
+    "check_fused",
     "check_granularity",
     "check_learn",
     "check_learnable_value",
@@ -69,15 +70,16 @@ def check_bool(argument: str, value: object) -> bool:
     return value
 
 
-def check_torch_flags(
-    owner: str, flags: Mapping[str, object], foreach: object, fused: object
-) -> None:
-    """torch's structural flags: ``flags`` must be bools, ``foreach`` None or a bool, and
-    ``fused`` unset (no fused kernel)."""
+def check_torch_flags(flags: Mapping[str, object], foreach: object) -> None:
+    """torch's structural flags: ``flags`` must be bools, ``foreach`` None or a bool."""
     for name, flag in flags.items():
         check_bool(name, flag)
     if foreach is not None and not isinstance(foreach, bool):
         raise TypeError(f"foreach must be None or a bool, got {foreach!r}")
+
+
+def check_fused(owner: str, fused: object) -> None:
+    """``fused`` must be unset: no fused kernel."""
     if fused:
         raise ValueError(f"fused={fused!r} is not supported: {owner} has no fused kernel")
 
@@ -215,11 +217,13 @@ def check_schedule_options(
     windows: object,
     mode: object,
     update_interval: object,
+    clamps: object,
     backtrack: object,
     *,
     default_update_interval: int,
-) -> ScheduleOptions:
-    """The options of a method that learns schedules over windows (``method="forward"``)."""
+) -> tuple[ScheduleOptions, tuple[float | None, float | None]]:
+    """The options of a method that learns schedules over windows (``method="forward"``), and
+    its clamps (:func:`check_clamps`)."""
     grans = [granularity] if isinstance(granularity, str) else list(granularity.values())
     if "element" in grans:
         raise ValueError(
@@ -246,18 +250,20 @@ def check_schedule_options(
             f"update_interval={update_interval!r} does not apply to mode='episodic': the "
             "schedule is updated once, at the end of each episode of horizon steps"
         )
+    clamp_values = check_clamps(clamps)
     if backtrack is not None and not isinstance(backtrack, bool):
         raise TypeError(f"backtrack must be a bool, got {backtrack!r}")
     if backtrack and mode != "episodic":
         raise ValueError("backtrack=True applies to mode='episodic' only (whole reruns to compare)")
     interval = h if mode == "episodic" else update_interval
-    return ScheduleOptions(
+    options = ScheduleOptions(
         horizon=h,
         windows=cast(int, windows),
         mode=mode,
         update_interval=check_positive_int("update_interval", interval, default_update_interval),
         backtrack=mode == "episodic" if backtrack is None else backtrack,
     )
+    return options, clamp_values
 
 
 def check_clamps(clamps: object) -> tuple[float | None, float | None]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ._checks import check_real, check_torch_flags
+from ._checks import check_fused, check_real, check_torch_flags
 from .optimizer import HyperOptimizer, HyperOptimizerFactory
 from .rules.adam import AdamRule
 
@@ -91,12 +91,13 @@ class HyperAdam(HyperOptimizer):
             "maximize": maximize,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        check_torch_flags(type(self).__name__, flags, foreach, fused)
+        check_torch_flags(flags, foreach)
         for name, value in (("capturable", capturable), ("differentiable", differentiable)):
             if value is not False:
                 raise ValueError(
                     f"{name}={value!r} is not supported by {type(self).__name__}; leave it False"
                 )
+        check_fused(type(self).__name__, fused)
         defaults = {
             "lr": lr,
             "betas": betas,

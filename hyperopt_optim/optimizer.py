@@ -58,7 +58,13 @@ from .rules._base import Hyper, RuleState, UpdateRule
 from .schedules import upgrade_state_dict
 from .shared_adam import SharedAdam
 
-__all__ = ["DEFAULT_HYPER_LR", "METHODS", "HyperOptimizer", "HyperOptimizerFactory"]
+__all__ = [
+    "DEFAULT_HYPER_LR",
+    "HVP_PROVIDERS",
+    "METHODS",
+    "HyperOptimizer",
+    "HyperOptimizerFactory",
+]
 
 DEFAULT_HYPER_LR = 0.05
 LossFn = Callable[[list[Tensor]], Tensor]
@@ -73,7 +79,11 @@ def _default_element_hyper_optimizer(params: list[Tensor]) -> Optimizer:
 
 
 def _hvp_providers() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(p for cls in METHODS.values() for p in cls.hvp_providers))
+    return tuple(sorted({p for cls in METHODS.values() for p in cls.hvp_providers}))
+
+
+HVP_PROVIDERS = _hvp_providers()
+"""The product providers of the methods registered when this module was imported."""
 
 
 class HyperOptimizer(Optimizer):
@@ -109,7 +119,7 @@ class HyperOptimizer(Optimizer):
         self.learn = check_learn(learn, self.rule.learnable)
         self.granularity = check_granularity(granularity, self.learn)
         self.method = check_choice("method", method, tuple(METHODS))
-        self.hvp = check_choice("hvp", hvp, _hvp_providers())
+        self._closures = Closures(check_choice("hvp", hvp, _hvp_providers()))
         extra = {"horizon": horizon, "windows": windows, "mode": mode, "clamps": clamps}
         self._method = build_method(
             MethodOptions(
@@ -129,13 +139,14 @@ class HyperOptimizer(Optimizer):
                 f"torch.optim.Optimizer, got {hyper_optimizer!r}"
             )
         self.bounds = check_bounds(bounds, self.rule.parametrisation)
-        self._closures = Closures(hvp)
         self._hyper = LearnedHyperparameters(self)
         self._validation_closure: Closure | None = None
         self._warned_no_closure = False
         self.hyper_optimizer: Optimizer | None = None
         super().__init__(params, defaults)
-        factory = hyper_optimizer or self._method.default_hyper_optimizer
+        factory = hyper_optimizer
+        if factory is None:
+            factory = self._method.default_hyper_optimizer
         if factory is None:
             per_weight = any(self.granularity_of(name) == "element" for name in self.learn)
             factory = _default_element_hyper_optimizer if per_weight else _default_hyper_optimizer
@@ -154,6 +165,15 @@ class HyperOptimizer(Optimizer):
         self._hyper.last = [
             self._method.zero_hypergradients(i, lv) for i, lv in enumerate(self._hyper.groups)
         ]
+
+    @property
+    def hvp(self) -> str:
+        """How Hessian-vector products are taken (``"auto"`` resolves closure by closure)."""
+        return self._closures.hvp
+
+    @hvp.setter
+    def hvp(self, value: str) -> None:
+        self._closures.hvp = check_choice("hvp", value, _hvp_providers())
 
     # -- param groups ----------------------------------------------------------------------
 
@@ -327,13 +347,11 @@ class HyperOptimizer(Optimizer):
         views = [self._gather(i) for i in range(len(self.param_groups))]
         # Finite differences move the live weights and call the closure, which overwrites
         # .grad (even in place): they need copies of the point and of the step's gradient.
-        differences = plan.products > 0 and self._closures.finite_differences
+        fd = plan.products > 0 and self._closures.finite_differences
+        copies = {"params": plan.copy or fd, "state": plan.copy, "grads": fd}
         try:
             if plan.snapshot:
-                ctx.groups = [
-                    self._snapshot(i, *view, copy=plan.copy or differences, copy_grads=differences)
-                    for i, view in enumerate(views)
-                ]
+                ctx.groups = [self._snapshot(i, *view, copies) for i, view in enumerate(views)]
                 if plan.products:
                     ctx.hvp = self._closures.products(closure, ctx.groups)
             if self._hyper.apply(self._method.before_update(ctx)) and ctx.groups:
@@ -452,20 +470,20 @@ class HyperOptimizer(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         state: RuleState,
-        *,
-        copy: bool,
-        copy_grads: bool,
+        copies: dict[str, bool],
     ) -> GroupSnapshot:
+        """Group ``index`` at ``z_t``: copies of the parts ``copies`` names, else the live
+        tensors."""
         group = self.param_groups[index]
         with torch.no_grad():
             return GroupSnapshot(
                 rule=self.rule,
                 live=list(params),
                 indices=list(indices),
-                params=[p.detach().clone() if copy else p.detach() for p in params],
-                grads=[g.detach().clone() if copy_grads else g.detach() for g in grads],
+                params=[p.detach().clone() if copies["params"] else p.detach() for p in params],
+                grads=[g.detach().clone() if copies["grads"] else g.detach() for g in grads],
                 state={
-                    k: [x.clone() if copy and x is not None else x for x in xs]
+                    k: [x.clone() if copies["state"] and x is not None else x for x in xs]
                     for k, xs in state.items()
                 },
                 hp=self._hyper_values(index, indices),

@@ -322,6 +322,7 @@ class Schedules:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "mode": self.mode,
             "values": _clone(self.values),
             "position": self.position,
             "episodes": self.episodes,
@@ -337,6 +338,12 @@ class Schedules:
         if state is None:
             raise ValueError(
                 f"the state dict has no schedules: it was not saved by method={self.owner!r}"
+            )
+        mode = state.get("mode")  # 0.1.0 did not save it
+        if mode is not None and mode != self.mode:
+            raise ValueError(
+                f"the state dict's schedules were learned in mode={mode!r}, this optimizer's "
+                f"mode is {self.mode!r}"
             )
         for group, saved in zip(self.values, state["values"], strict=True):
             for name, xs in group.items():

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ._checks import check_real, check_torch_flags
+from ._checks import check_fused, check_real, check_torch_flags
 from .optimizer import HyperOptimizer, HyperOptimizerFactory
 from .rules.sgd import SGDRule
 
@@ -165,13 +165,13 @@ class HyperSGD(HyperOptimizer):
         clamps: Mapping[str, float] | None = None,
         backtrack: bool | None = None,
     ) -> None:
-        flags = {"nesterov": nesterov, "maximize": maximize}
-        check_torch_flags("HyperSGD", flags, foreach, fused)
+        check_torch_flags({"nesterov": nesterov, "maximize": maximize}, foreach)
         if differentiable is not False:
             raise ValueError(
                 f"differentiable={differentiable!r} is not supported: HyperSGD differentiates "
                 "its own update"
             )
+        check_fused("HyperSGD", fused)
         defaults = {
             "lr": lr,
             "momentum": momentum,

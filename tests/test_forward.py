@@ -553,6 +553,27 @@ def test_state_dict_with_other_windows_is_refused() -> None:
         other.load_state_dict(opt.state_dict())
 
 
+@pytest.mark.parametrize(("saved", "loaded"), [("online", "episodic"), ("episodic", "online")])
+def test_state_dict_of_the_other_mode_is_refused_before_anything_loads(
+    saved: str, loaded: str
+) -> None:
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+    def loss() -> Tensor:
+        return (w**2).sum()
+
+    opt = HyperSGD([w], lr=0.1, method="forward", horizon=4, windows=2, mode=saved)
+    for _ in range(5):
+        opt.step(loss, val_closure=loss)
+    other = HyperSGD([w], lr=0.1, method="forward", horizon=4, windows=2, mode=loaded)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=f"learned in mode='{saved}', this optimizer's mode"):
+        other.load_state_dict(opt.state_dict())
+    after = other.state_dict()
+    assert after["hyper"]["counters"] == before["hyper"]["counters"]
+    assert after["state"] == before["state"]
+
+
 # --- arguments -------------------------------------------------------------------------------
 
 
@@ -785,7 +806,7 @@ def test_forward_differences_with_the_gradient_clamp() -> None:
         problem = oracle.mlp_problem(4)
         opt = _make("sgd_momentum_wd", problem, steps=8, windows=2, clamps={"grad": 0.05})
         if how == "forward_difference":
-            opt.hvp = opt._closures.hvp = opt._closures.resolved = "forward_difference"
+            opt.hvp = opt._closures.resolved = "forward_difference"
             closure = problem.torch_closure(opt)
         else:
             closure = problem.closure
@@ -895,6 +916,39 @@ def test_loss_fn_that_mutates_a_buffer_gets_a_clear_error() -> None:
 
     with pytest.raises(RuntimeError, match="replace_all_batch_norm_modules_"):
         opt.step(loss_fn=loss_fn, val_closure=lambda: model(x).pow(2).mean())
+
+
+@pytest.mark.parametrize("loss", ["mse_loss", "huber_loss"])
+def test_loss_fn_with_a_loss_torch_func_cannot_differentiate_twice_gets_a_clear_error(
+    loss: str,
+) -> None:
+    """torch 2.13's forward-mode AD has no rule for the backward of mse_loss and huber_loss,
+    which exact products of loss_fn need: the error says what to write instead (where a later
+    torch has the rule, the step is taken)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    names = [n for n, _ in model.named_parameters()]
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    opt = HyperSGD(model.parameters(), lr=0.1, method="forward", horizon=4)
+
+    def loss_fn(params: list[Tensor]) -> Tensor:
+        out = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (x,))
+        return getattr(torch.nn.functional, loss)(out, y)
+
+    def val() -> Tensor:
+        return model(x).pow(2).mean()
+
+    def twice(w: Tensor) -> Tensor:  # forward over reverse, as the products take it
+        return torch.func.grad(lambda v: getattr(torch.nn.functional, loss)(v, y[:, 0]))(w)
+
+    try:
+        torch.func.jvp(twice, (x[:, 0],), (torch.ones_like(x[:, 0]),))
+    except RuntimeError:
+        with pytest.raises(RuntimeError, match=r"elementary operations, e\.g\. \(\(out - target"):
+            opt.step(loss_fn=loss_fn, val_closure=val)
+    else:  # a torch with the rule: the step is taken
+        opt.step(loss_fn=loss_fn, val_closure=val)
+        assert opt.hyper_state["step"] == 1
 
 
 def test_autograd_batched_is_for_forward_mode_only() -> None:

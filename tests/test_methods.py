@@ -114,3 +114,49 @@ def test_a_registered_method_checks_its_options(monkeypatch: pytest.MonkeyPatch)
         HyperSGD(params, lr=0.1, method="last_step", horizon=5)
     with pytest.raises(ValueError, match=r"method must be one of .*'last_step'"):
         HyperSGD(params, lr=0.1, method="nope")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        # the product provider first, then the method's own options, then other methods'
+        ({"method": "hd", "neumann_steps": 2, "horizon": 3}, ValueError, "takes no Neumann"),
+        ({"hvp": "autograd_batched", "horizon": 4}, ValueError, "one batched backward: it is for"),
+        (
+            {"method": "forward", "horizon": 4, "update_interval": 0, "clamps": {"x": 1}},
+            ValueError,
+            "clamps: 'x' is not a clamp",
+        ),
+        (
+            {"method": "forward", "horizon": 4, "clamps": {"x": 1}, "backtrack": "y"},
+            ValueError,
+            "clamps: 'x' is not a clamp",
+        ),
+        ({"fused": True, "differentiable": True}, ValueError, "differentiable=True"),
+        ({"hvp": "bogus"}, ValueError, r"\('auto', 'autograd', 'autograd_batched', 'finite_"),
+    ],
+)
+def test_which_bad_argument_is_named_first(
+    kwargs: dict[str, object], error: type, match: str
+) -> None:
+    params, _, _ = _problem()
+    with pytest.raises(error, match=match):
+        HyperSGD(params, lr=0.1, **kwargs)  # type: ignore[arg-type]
+
+
+def test_setting_hvp_on_the_optimizer_takes_effect() -> None:
+    """``opt.hvp`` is the provider the next step uses, as it was set."""
+    params, closure, val_closure = _problem()
+    opt = HyperSGD(params, lr=0.1, update_interval=1)
+    opt.hvp = "autograd"
+
+    def torch_closure() -> Tensor:
+        opt.zero_grad()
+        loss = closure()  # type: ignore[operator]
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="hvp='autograd' needs a closure that returns the loss"):
+        opt.step(torch_closure, val_closure=val_closure)
+    with pytest.raises(ValueError, match="hvp must be one of"):
+        opt.hvp = "nope"

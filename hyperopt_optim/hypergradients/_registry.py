@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from ._base import HypergradientMethod, MethodOptions
 
-__all__ = ["METHODS", "build_method", "register_method", "schedule_methods"]
+__all__ = ["HVP_NOTES", "METHODS", "build_method", "register_method", "schedule_methods"]
+
+HVP_NOTES = {
+    "autograd_batched": " takes the products of all tangent columns in one batched backward",
+}
+"""What a provider that only some methods use does, for the message that refuses it."""
 
 METHODS: dict[str, type[HypergradientMethod]] = {}
 """name -> the class that implements it (one class may serve several names)."""
@@ -34,25 +39,27 @@ def _owners(option: str) -> str:
 
 
 def build_method(options: MethodOptions) -> HypergradientMethod:
-    """The method ``options.method``, with its options checked.
+    """The method ``options.method``, with its options checked (the provider first, then the
+    method's own, then those of other methods).
 
     Raises:
         ValueError: an option of another method was given, or ``hvp`` is a provider the
             method cannot use.
     """
     cls = METHODS[options.method]
+    if options.hvp not in cls.hvp_providers:
+        users = [name for name, c in METHODS.items() if options.hvp in c.hvp_providers]
+        raise ValueError(
+            f"hvp={options.hvp!r}{HVP_NOTES.get(options.hvp, '')}: it is for "
+            f"method={users[0] if len(users) == 1 else users!r}, not method={options.method!r} "
+            "(use 'autograd')"
+        )
+    method = cls.from_options(options)
     for option, value in options.extra.items():
         if value is not None and option not in cls.options:
             raise ValueError(
                 f"{option}={value!r} is an option of {_owners(option)}, not "
                 f"method={options.method!r}"
             )
-    if options.hvp not in cls.hvp_providers:
-        users = [name for name, c in METHODS.items() if options.hvp in c.hvp_providers]
-        raise ValueError(
-            f"hvp={options.hvp!r} is for method={users[0] if len(users) == 1 else users!r}, "
-            f"not method={options.method!r} (use 'autograd')"
-        )
-    method = cls.from_options(options)
     method.name = options.method
     return method

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._checks import check_clamps, check_neumann_steps, check_schedule_options
+from .._checks import check_neumann_steps, check_schedule_options
 from .._learned import LearnedValue
-from ..schedules import ScheduleOptions, Schedules, window_of
+from ..schedules import MODES, ScheduleOptions, Schedules, window_of
 from ..sign_step import SignStep
 from ._base import (
     HVP_PROVIDERS,
@@ -47,9 +47,16 @@ from ._base import (
     StepContext,
     StepPlan,
 )
+from .hvp import batched_products
 from .tangents import PARAM, Column, StepJacobian, Tangents, propagate, step_jacobian
 
-__all__ = ["DEFAULT_SIGN_STEP", "ForwardMode", "window_of"]
+__all__ = [
+    "DEFAULT_SIGN_STEP",
+    "MODES",
+    "ForwardMode",
+    "batched_products",
+    "window_of",
+]
 
 DEFAULT_SIGN_STEP = 0.3
 DEFAULT_UPDATE_INTERVAL = 10
@@ -79,17 +86,18 @@ class ForwardMode(HypergradientMethod):
     def from_options(cls, options: MethodOptions) -> ForwardMode:
         check_neumann_steps(options.neumann_steps, options.method, 0)
         extra = options.extra
-        schedule = check_schedule_options(
+        schedule, clamps = check_schedule_options(
             options.method,
             options.granularity,
             extra.get("horizon"),
             extra.get("windows"),
             extra.get("mode"),
             options.update_interval,
+            extra.get("clamps"),
             extra.get("backtrack"),
             default_update_interval=DEFAULT_UPDATE_INTERVAL,
         )
-        return cls(schedule, *check_clamps(extra.get("clamps")))
+        return cls(schedule, *clamps)
 
     def __init__(
         self, options: ScheduleOptions, grad_clamp: float | None, tangent_clamp: float | None

@@ -176,6 +176,10 @@ def _norm(xs: list[Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
+_NO_FORWARD_AD = ("ZeroTensors are immutable", "Trying to use forward AD with")
+"""What torch says when an op's backward has no forward-mode derivative."""
+
+
 class FunctionalHVP:
     """Exact products for many directions at once, by forward-over-reverse.
 
@@ -215,6 +219,14 @@ class FunctionalHVP:
         try:
             products = batched(*directions)
         except RuntimeError as error:
+            if any(sign in str(error) for sign in _NO_FORWARD_AD):
+                raise RuntimeError(
+                    "torch.func cannot take the forward-mode derivative of this loss's backward "
+                    "(in torch 2.13: nn.functional.mse_loss and huber_loss, among others), which "
+                    "exact products with loss_fn need: write the loss with elementary operations, "
+                    "e.g. ((out - target) ** 2).mean(), or pass a closure that returns the loss "
+                    "without backward() (exact products by double backward)"
+                ) from error
             if "mutate a captured Tensor" not in str(error):
                 raise
             raise RuntimeError(
