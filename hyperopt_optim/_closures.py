@@ -49,14 +49,16 @@ def _zeros_for_none(grads: list[Tensor | None], like: list[Tensor]) -> list[Tens
 def validation_gradient(
     val_closure: Closure, params: list[Tensor], skip: Callable[[str], None]
 ) -> list[Tensor] | None:
-    """``∇_w L_V`` for ``params``; ``None`` after ``skip(why)`` when the loss is not finite."""
+    """``∇_w L_V`` for ``params``; ``None`` after ``skip(why)`` when the loss is not finite.
+    A parameter that does not require a gradient (frozen) gets zeros."""
+    variable = [p for p in params if p.requires_grad]
     with torch.enable_grad():
         value = check_validation_loss(val_closure())
         if not bool(torch.isfinite(value.detach()).all()):
             skip(f"the validation loss is {float(value.detach())}")
             return None
-        grads = grad(value, params)
-    return _zeros_for_none(grads, params)
+        grads = dict(zip(map(id, variable), grad(value, variable), strict=True))
+    return [torch.zeros_like(p) if (g := grads.get(id(p))) is None else g for p in params]
 
 
 class StepProducts:
@@ -179,8 +181,29 @@ class Closures:
 
     def products(self, closure: Closure | None, groups: list[GroupSnapshot]) -> StepProducts | None:
         """The step's products over the groups' live parameters, at the snapshot's point;
-        ``None`` without a training closure or ``loss_fn``."""
+        ``None`` without a training closure or ``loss_fn``.
+
+        A live parameter that does not require a gradient (frozen, with a stale ``.grad`` that
+        the update still uses, as torch's optimizers do) is not a variable of the loss: its
+        products are zero, and finite differences leave it where it is.
+        """
         live = [p for g in groups for p in g.live]
+        frozen = [i for i, p in enumerate(live) if not p.requires_grad]
+        if frozen and self._functional is None:
+            variable = [i for i, p in enumerate(live) if p.requires_grad]
+            inner = self._products(closure, groups, variable)
+            return None if inner is None else _Scattered(inner, variable)
+        return self._products(closure, groups, list(range(len(live))))
+
+    def _products(
+        self, closure: Closure | None, groups: list[GroupSnapshot], variable: list[int]
+    ) -> StepProducts | None:
+        """The products over the live parameters at positions ``variable``."""
+
+        def pick(xs: list[Tensor]) -> list[Tensor]:
+            return [xs[i] for i in variable]
+
+        live = pick([p for g in groups for p in g.live])
         if self._functional is not None:
             # the products own what they need: dropping them frees it (see StepContext.hvp)
             (functional, trainable), self._functional = self._functional, None
@@ -197,8 +220,8 @@ class Closures:
             return StepProducts(lambda: provider, batched)
         if closure is None:
             return None
-        point = [x for g in groups for x in g.params]
-        at_point = [x for g in groups for x in g.grads]  # the step's own, unclipped
+        point = pick([x for g in groups for x in g.params])
+        at_point = pick([x for g in groups for x in g.grads])  # the step's own, unclipped
         central = self.resolved != "forward_difference"
         return StepProducts(
             lambda: FiniteDifferenceHVP(
@@ -209,6 +232,31 @@ class Closures:
     def release(self) -> None:
         """Drop the step's graph."""
         self._graph, self._functional = None, None
+
+
+class _Scattered(StepProducts):
+    """Products over a subset of the live parameters, zero for the others."""
+
+    def __init__(self, inner: StepProducts, variable: list[int]) -> None:
+        self._inner = inner
+        self._variable = variable
+
+    def _scatter(self, directions: list[Tensor], products: list[Tensor]) -> list[Tensor]:
+        out = [torch.zeros_like(d) for d in directions]
+        for i, x in zip(self._variable, products, strict=True):
+            out[i] = x
+        return out
+
+    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+        if not self._variable:
+            return [torch.zeros_like(d) for d in directions]
+        return self._scatter(directions, self._inner([directions[i] for i in self._variable]))
+
+    def columns(self, directions: list[Tensor]) -> list[Tensor]:
+        if not self._variable:
+            return [torch.zeros_like(d) for d in directions]
+        inner = self._inner.columns([directions[i] for i in self._variable])
+        return self._scatter(directions, inner)
 
 
 def _functional_columns(

@@ -10,6 +10,8 @@ hypergradients and trajectory exactly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor
@@ -160,3 +162,94 @@ def test_setting_hvp_on_the_optimizer_takes_effect() -> None:
         opt.step(torch_closure, val_closure=val_closure)
     with pytest.raises(ValueError, match="hvp must be one of"):
         opt.hvp = "nope"
+
+
+# --- parameters the step does not differentiate --------------------------------------------
+
+
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_a_frozen_parameter_with_a_stale_gradient_moves_as_torch_moves_it(hvp: str) -> None:
+    """torch's optimizers update a parameter with ``requires_grad=False`` whose ``.grad`` was
+    left over; so does HyperSGD, and the hypergradient treats it as a constant of the loss
+    (zero products and validation gradient) instead of failing in autograd."""
+    runs = []
+    for cls in (HyperSGD, torch.optim.SGD):
+        w = torch.nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+        f = torch.nn.Parameter(torch.ones(3, dtype=torch.float64), requires_grad=False)
+        f.grad = torch.full((3,), 0.3, dtype=torch.float64)
+
+        def loss(w: Tensor = w, f: Tensor = f) -> Tensor:
+            return ((w * f) ** 2).sum() + (w**3).sum()
+
+        if cls is HyperSGD:
+            opt = HyperSGD(
+                [w, f],
+                lr=0.01,
+                momentum=0.9,
+                update_interval=2,
+                hvp=hvp,
+                hyper_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
+            )
+        else:
+            opt = torch.optim.SGD([w, f], lr=0.01, momentum=0.9)
+
+        def closure(w: Tensor = w, loss: Any = loss, cls: type = cls) -> Tensor:
+            if hvp == "autograd" and cls is HyperSGD:
+                return loss()  # the optimizer differentiates it
+            w.grad = None  # only w's: the stale .grad of f stays
+            value = loss()
+            value.backward()
+            return value
+
+        for _ in range(6):
+            if cls is HyperSGD:
+                opt.step(closure, val_closure=loss)
+            else:
+                opt.step(closure)
+        runs.append((w.detach().clone(), f.detach().clone(), opt))
+    (w1, f1, hyper), (w2, f2, _) = runs
+    assert torch.equal(w1, w2)
+    assert torch.equal(f1, f2)
+    assert not torch.equal(f1, torch.ones(3, dtype=torch.float64))  # f did move
+    assert hyper.hyper_state["hyper_steps"] == 3
+    assert bool(
+        torch.isfinite(hyper.hypergradients()[0]["lr"]) & (hyper.hypergradients()[0]["lr"] != 0)
+    )
+
+
+def test_forward_mode_with_a_group_that_has_no_gradient() -> None:
+    """A param group none of whose parameters has a gradient takes no step: its tangents stay
+    zero, and the other group's hypergradients are those of an optimizer without it."""
+    got = []
+    for with_idle in (True, False):
+        a = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+        idle = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+        groups: list[dict[str, Any]] = [{"params": [a]}] + (
+            [{"params": [idle]}] if with_idle else []
+        )
+        opt = HyperSGD(
+            groups,
+            lr=0.05,
+            momentum=0.8,
+            learn=("lr", "momentum"),
+            method="forward",
+            horizon=8,
+            windows=2,
+            update_interval=4,
+        )
+
+        def loss(a: Tensor = a) -> Tensor:
+            return (torch.tanh(a) ** 2).sum() + (a**4).sum()
+
+        for _ in range(8):
+            opt.step(loss, val_closure=loss)
+        got.append((a.detach().clone(), opt.hypergradients()[0], opt.schedules()[0]))
+        if with_idle:
+            assert torch.equal(idle, torch.ones(2, dtype=torch.float64))
+            for value in opt.hypergradients()[1].values():
+                assert torch.equal(value, torch.zeros_like(value))  # type: ignore[arg-type]
+    (a1, h1, s1), (a2, h2, s2) = got
+    assert torch.equal(a1, a2)
+    torch.testing.assert_close(h1, h2, rtol=0, atol=0)
+    torch.testing.assert_close(s1, s2, rtol=0, atol=0)
+    assert bool((h1["lr"] != 0).any())  # type: ignore[union-attr]

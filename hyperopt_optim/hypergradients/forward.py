@@ -129,12 +129,15 @@ class ForwardMode(HypergradientMethod):
             masks = [[g.abs() < c for g in group.grads] for group in groups]
             for group in groups:
                 group.grads = [g.clamp(-c, c) for g in group.grads]
-        with torch.no_grad():
+        with torch.no_grad():  # a group none of whose parameters has a gradient: no step
             jacobians = [
                 step_jacobian(g.rule, g.params, g.grads, g.state, g.hp, g.flags, g.names)
+                if g.live
+                else None
                 for g in groups
             ]
-        blocks = sorted({o for jac in jacobians for o in jac.outputs}, key=lambda b: b != PARAM)
+        outputs = {o for jac in jacobians if jac is not None for o in jac.outputs}
+        blocks = sorted(outputs, key=lambda b: b != PARAM)
         self.tangents.allocate([group["params"] for group in ctx.host.param_groups], blocks)
         tensors = self.tangents.tensors
         assert tensors is not None
@@ -150,6 +153,8 @@ class ForwardMode(HypergradientMethod):
         with torch.no_grad():
             start = 0
             for i, (group, jac) in enumerate(zip(groups, jacobians, strict=True)):
+                if jac is None:  # its weights and buffers stand still: so do their tangents
+                    continue
                 entries = [tensors[i][j] for j in group.indices]
                 propagate(
                     jac,
