@@ -27,7 +27,7 @@ from .hypergradients.hvp import (
     clone_parameter_saves,
 )
 
-__all__ = ["EXACT_HVPS", "Closures", "StepProducts", "grad", "validation_gradient"]
+__all__ = ["EXACT_HVPS", "Closures", "LossFn", "StepProducts", "grad", "validation_gradient"]
 
 EXACT_HVPS = ("autograd", "autograd_batched")
 LossFn = Callable[[list[Tensor]], Tensor]
@@ -188,12 +188,11 @@ class Closures:
         products are zero, and finite differences leave it where it is.
         """
         live = [p for g in groups for p in g.live]
-        frozen = [i for i, p in enumerate(live) if not p.requires_grad]
-        if frozen and self._functional is None:
-            variable = [i for i, p in enumerate(live) if p.requires_grad]
-            inner = self._products(closure, groups, variable)
-            return None if inner is None else _Scattered(inner, variable)
-        return self._products(closure, groups, list(range(len(live))))
+        variable = [i for i, p in enumerate(live) if p.requires_grad]
+        products = self._products(closure, groups, variable)
+        if products is None or len(variable) == len(live):
+            return products
+        return _Scattered(products, variable)
 
     def _products(
         self, closure: Closure | None, groups: list[GroupSnapshot], variable: list[int]
@@ -207,12 +206,8 @@ class Closures:
         if self._functional is not None:
             # the products own what they need: dropping them frees it (see StepContext.hvp)
             (functional, trainable), self._functional = self._functional, None
-            return StepProducts(
-                lambda: lambda d: [x[0] for x in _functional_columns(functional, trainable, live)(
-                    [y.unsqueeze(0) for y in d]
-                )],
-                _functional_columns(functional, trainable, live),
-            )  # fmt: skip
+            columns = _functional_columns(functional, trainable, live)
+            return StepProducts(lambda: _one_column(columns), columns)
         if self._graph is not None:
             graph, self._graph = self._graph, None
             provider = AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
@@ -259,11 +254,16 @@ class _Scattered(StepProducts):
         return self._scatter(directions, inner)
 
 
+def _one_column(columns: HVP) -> HVP:
+    """A one-direction product from a batched one: the direction as a batch of one column."""
+    return lambda d: [x[0] for x in columns([y.unsqueeze(0) for y in d])]
+
+
 def _functional_columns(
     functional: FunctionalHVP, trainable: list[Tensor], live: list[Tensor]
 ) -> HVP:
-    """``loss_fn``'s batched products for the live parameters: the others (a frozen parameter
-    with a stale ``.grad``, or one the loss does not use) get zero directions and products."""
+    """``loss_fn``'s batched products for the live parameters: the trainable ones that are not
+    live (the loss did not use them this step) get zero directions."""
     position = {id(p): n for n, p in enumerate(trainable)}
 
     def columns(directions: list[Tensor]) -> list[Tensor]:

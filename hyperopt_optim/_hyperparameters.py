@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._closures import validation_gradient
-from ._learned import LearnedValue
+from ._learned import LearnedValue, clone_values
 from .hypergradients._base import Closure, ElementwiseHypergradients, NaturalHypergradients
 from .rules._base import Hyper
 
@@ -71,7 +71,11 @@ class LearnedHyperparameters:
         lv.values = []
         shown = lv.refresh(group["params"])
         assert shown is not None
-        self._opt._set_group_value(group, name, shown)
+        self._write(group, lv, shown)
+
+    def _write(self, group: dict[str, Any], lv: LearnedValue, shown: float) -> None:
+        """Show ``shown`` in the param group, as the float this value last wrote there."""
+        self._opt._set_group_value(group, lv.name, shown)
         lv.shown = shown
 
     def skip(self, why: str) -> None:
@@ -89,7 +93,7 @@ class LearnedHyperparameters:
         return validation_gradient(val_closure, params, self.skip)
 
     def record_hypergradients(self, natural: NaturalHypergradients) -> None:
-        self.last = [{k: [x.detach().clone() for x in v] for k, v in g.items()} for g in natural]
+        self.last = clone_values(natural)
 
     def step_learned(self, natural: NaturalHypergradients, *, record: bool = True) -> bool:
         """Chain ``dL/dλ`` (one value per learned value) into ``φ`` and step the hyper-optimizer;
@@ -116,13 +120,12 @@ class LearnedHyperparameters:
         optimizer.zero_grad(set_to_none=True)
         moved = iter(before)
         for group, learned in zip(self.param_groups, self.groups, strict=True):
-            for name, lv in learned.items():
+            for lv in learned.values():
                 lv.clip_()
                 changed = [phi != next(moved) for phi in lv.phi]
                 shown = lv.refresh(group["params"], changed)
                 if shown is not None:
-                    self._opt._set_group_value(group, name, shown)
-                    lv.shown = shown
+                    self._write(group, lv, shown)
         self.counters["hyper_steps"] += 1
         return True
 
@@ -148,9 +151,7 @@ class LearnedHyperparameters:
             for name, lv in learned.items():
                 value = self._opt._group_value(group, name)
                 if value != lv.shown:
-                    shown = lv.take_external(value, group["params"])
-                    self._opt._set_group_value(group, name, shown)
-                    lv.shown = shown
+                    self._write(group, lv, lv.take_external(value, group["params"]))
                     taken.add((index, name))
         return taken
 
@@ -172,25 +173,18 @@ class LearnedHyperparameters:
 
     def natural(self) -> list[dict[str, Tensor | list[Tensor]]]:
         """The learned values in natural units (what ``hyperparameters()`` returns)."""
-        out: list[dict[str, Tensor | list[Tensor]]] = []
-        for group, learned in zip(self.param_groups, self.groups, strict=True):
-            entry: dict[str, Tensor | list[Tensor]] = {}
-            for name, lv in learned.items():
-                values = lv.natural_values(self._opt._group_value(group, name))
-                entry[name] = values[0] if lv.granularity == "scalar" else values
-            out.append(entry)
-        return out
+        value_of = self._opt._group_value
+        return [
+            {name: lv.public(lv.natural_values(value_of(group, name))) for name, lv in g.items()}
+            for group, g in zip(self.param_groups, self.groups, strict=True)
+        ]
 
     def hypergradients(self) -> list[dict[str, Tensor | list[Tensor]]]:
         """The last hypergradients, shaped like :meth:`natural`."""
-        out: list[dict[str, Tensor | list[Tensor]]] = []
-        for grads, learned in zip(self.last, self.groups, strict=True):
-            entry: dict[str, Tensor | list[Tensor]] = {}
-            for name, g in grads.items():
-                scalar = learned[name].granularity == "scalar"
-                entry[name] = g[0].clone() if scalar else [x.clone() for x in g]
-            out.append(entry)
-        return out
+        return [
+            {name: g[name].public(xs) for name, xs in grads.items()}
+            for grads, g in zip(clone_values(self.last), self.groups, strict=True)
+        ]
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -199,9 +193,7 @@ class LearnedHyperparameters:
             "phi": [{k: [x.clone() for x in lv.phi] for k, lv in g.items()} for g in self.groups],
             "shown": [{k: lv.shown for k, lv in g.items()} for g in self.groups],
             "counters": dict(self.counters),
-            "hypergradients": [
-                {k: [x.clone() for x in v] for k, v in g.items()} for g in self.last
-            ],
+            "hypergradients": clone_values(self.last),
         }
 
     def load_state_dict(self, hyper: dict[str, Any]) -> None:
@@ -219,9 +211,7 @@ class LearnedHyperparameters:
                     lv.values = []
                     lv.refresh(group["params"])
         self.counters = dict(hyper["counters"])
-        self.last = [
-            {k: [x.clone() for x in v] for k, v in g.items()} for g in hyper["hypergradients"]
-        ]
+        self.last = clone_values(hyper["hypergradients"])
 
 
 def _place(

@@ -25,6 +25,7 @@ __all__ = [
     "GRANULARITIES",
     "Granularity",
     "LearnedValue",
+    "clone_values",
     "natural_derivative",
     "to_natural",
     "to_unconstrained",
@@ -32,6 +33,12 @@ __all__ = [
 
 GRANULARITIES = ("scalar", "tensor", "element")
 Granularity = Literal["scalar", "tensor", "element"]
+
+
+def clone_values(values: list[dict[str, list[Tensor]]]) -> list[dict[str, list[Tensor]]]:
+    """Detached copies of per-group ``{name: [tensor per learned value]}`` (learned values,
+    their hypergradients, schedules)."""
+    return [{k: [x.detach().clone() for x in v] for k, v in g.items()} for g in values]
 
 
 def to_unconstrained(value: float, fraction: bool) -> float:
@@ -180,6 +187,11 @@ class LearnedValue:
         if self.granularity == "tensor":
             return [e.sum().to(phi.dtype) for e, phi in zip(elementwise, self.phi, strict=True)]
         return [e.to(phi.dtype) for e, phi in zip(elementwise, self.phi, strict=True)]
+
+    def public(self, values: list[Tensor]) -> Tensor | list[Tensor]:
+        """One tensor per learned value, as the public API returns it: the tensor itself for
+        ``"scalar"``, else the list (one per parameter)."""
+        return values[0] if self.granularity == "scalar" else values
 
     def natural_values(self, group_value: float) -> list[Tensor]:
         """The current values as tensors (``"scalar"``: one 0-dim tensor of the group's)."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from typing import Any, ClassVar
 
@@ -42,7 +42,7 @@ from ._checks import (
     check_learnable_value,
     check_saved_shapes,
 )
-from ._closures import Closures
+from ._closures import Closures, LossFn
 from ._hyperparameters import LearnedHyperparameters
 from ._learned import Granularity, LearnedValue
 from .hypergradients import (
@@ -51,7 +51,7 @@ from .hypergradients import (
     MethodOptions,
     StepContext,
     build_method,
-    schedule_methods,
+    methods_where,
 )
 from .hypergradients._base import Closure, HyperOptimizerFactory
 from .rules._base import Hyper, RuleState, UpdateRule
@@ -67,7 +67,6 @@ __all__ = [
 ]
 
 DEFAULT_HYPER_LR = 0.05
-LossFn = Callable[[list[Tensor]], Tensor]
 
 
 def _default_hyper_optimizer(params: list[Tensor]) -> Optimizer:
@@ -80,6 +79,10 @@ def _default_element_hyper_optimizer(params: list[Tensor]) -> Optimizer:
 
 def _hvp_providers() -> tuple[str, ...]:
     return tuple(sorted({p for cls in METHODS.values() for p in cls.hvp_providers}))
+
+
+def _schedule_methods() -> str:
+    return methods_where(lambda cls: cls.learns_schedules)
 
 
 HVP_PROVIDERS = _hvp_providers()
@@ -120,16 +123,15 @@ class HyperOptimizer(Optimizer):
         self.granularity = check_granularity(granularity, self.learn)
         self.method = check_choice("method", method, tuple(METHODS))
         self._closures = Closures(check_choice("hvp", hvp, _hvp_providers()))
-        extra = {"horizon": horizon, "windows": windows, "mode": mode, "clamps": clamps}
+        extra: dict[str, object] = {
+            "horizon": horizon,
+            "windows": windows,
+            "mode": mode,
+            "clamps": clamps,
+            "backtrack": backtrack,
+        }
         self._method = build_method(
-            MethodOptions(
-                method,
-                self.granularity,
-                hvp,
-                neumann_steps,
-                update_interval,
-                {**extra, "backtrack": backtrack},
-            )
+            MethodOptions(method, self.granularity, hvp, neumann_steps, update_interval, extra)
         )
         self.neumann_steps = self._method.neumann_steps
         self.update_interval = self._method.update_interval
@@ -267,7 +269,7 @@ class HyperOptimizer(Optimizer):
         """
         schedule = self._method.schedule
         if schedule is None:
-            raise RuntimeError(f"schedules() needs {schedule_methods()}, not {self.method!r}")
+            raise RuntimeError(f"schedules() needs {_schedule_methods()}, not {self.method!r}")
         return schedule.natural(self._hyper.groups)
 
     def compute_hypergradients(
@@ -284,7 +286,7 @@ class HyperOptimizer(Optimizer):
         """
         if not self._method.learns_schedules:
             raise RuntimeError(
-                f"compute_hypergradients() needs {schedule_methods()}, not {self.method!r}"
+                f"compute_hypergradients() needs {_schedule_methods()}, not {self.method!r}"
             )
         val_closure = val_closure if val_closure is not None else self._validation_closure
         if val_closure is None or not callable(val_closure):
@@ -359,8 +361,11 @@ class HyperOptimizer(Optimizer):
                     g.hp = self._hyper_values(i, g.indices)
             with torch.no_grad():
                 for i, (indices, params, grads, state) in enumerate(views):
-                    step_grads = grads if ctx.groups is None else ctx.groups[i].grads
-                    self._update(i, indices, params, step_grads, state)
+                    if ctx.groups is None:
+                        self._update(i, params, grads, state, self._hyper_values(i, indices))
+                    else:  # the snapshot's gradients and values (a method may have set them)
+                        g = ctx.groups[i]
+                        self._update(i, params, g.grads, state, g.hp)
             self._hyper.counters["step"] = t + 1
             self._hyper.apply(self._method.after_update(ctx))
         finally:
@@ -387,10 +392,9 @@ class HyperOptimizer(Optimizer):
         if loss_fn is not None:
             check_callable("loss_fn", loss_fn)
             if not self._method.accepts_loss_fn:
-                takers = [name for name, cls in METHODS.items() if cls.accepts_loss_fn]
+                takers = methods_where(lambda cls: cls.accepts_loss_fn)
                 raise ValueError(
-                    f"loss_fn is taken by method={takers[0] if len(takers) == 1 else takers!r} "
-                    f"only, not method={self.method!r}: pass a closure"
+                    f"loss_fn is taken by {takers} only, not method={self.method!r}: pass a closure"
                 )
             if closure is not None:
                 raise ValueError("pass either closure or loss_fn to step(), not both")
@@ -416,13 +420,12 @@ class HyperOptimizer(Optimizer):
     def _update(
         self,
         index: int,
-        indices: list[int],
         params: list[Tensor],
         grads: list[Tensor],
         state: RuleState,
+        hp: dict[str, Hyper],
     ) -> None:
         group = self.param_groups[index]
-        hp = self._hyper_values(index, indices)
         flags = {k: group[k] for k in self.flag_names}
         if group.get("foreach") is False:
             for j in range(len(params)):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._learned import LearnedValue, natural_derivative, to_natural
+from ._learned import LearnedValue, clone_values, natural_derivative, to_natural
 from .sign_step import SignStep
 
 if TYPE_CHECKING:
@@ -68,9 +68,7 @@ class ScheduleOptions:
 
 
 def _clone(values: list[dict[str, list[Tensor]]] | None) -> list[dict[str, list[Tensor]]] | None:
-    if values is None:
-        return None
-    return [{k: [x.detach().clone() for x in v] for k, v in g.items()} for g in values]
+    return None if values is None else clone_values(values)
 
 
 class Schedules:
@@ -112,7 +110,8 @@ class Schedules:
         if self.position != 0:
             raise RuntimeError(
                 f"method={self.owner!r} can take a new param group only before the first step "
-                "of an episode (its tangents have one column per learned value)"
+                "of an episode (the episode's schedules and hypergradients cover the learned "
+                "values it started with)"
             )
         self.values.append(
             {
@@ -139,15 +138,13 @@ class Schedules:
         self, learned: list[dict[str, LearnedValue]]
     ) -> list[dict[str, Tensor | list[Tensor]]]:
         """Every window's value in natural units, shaped as ``schedules()`` returns them."""
-        out: list[dict[str, Tensor | list[Tensor]]] = []
-        for group, values in zip(learned, self.values, strict=True):
-            entry: dict[str, Tensor | list[Tensor]] = {}
-            for name, sched in values.items():
-                lv = group[name]
-                natural = [to_natural(x.detach(), lv.fraction) for x in sched]
-                entry[name] = natural[0] if lv.granularity == "scalar" else natural
-            out.append(entry)
-        return out
+        return [
+            {
+                name: group[name].public([to_natural(x.detach(), group[name].fraction) for x in xs])
+                for name, xs in values.items()
+            }
+            for group, values in zip(learned, self.values, strict=True)
+        ]
 
     # -- the step -----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from ._base import (
     StepContext,
     StepPlan,
 )
-from ._registry import METHODS, build_method, register_method, schedule_methods
+from ._registry import METHODS, build_method, methods_where, register_method
 from .descent import HypergradientDescent
 from .forward import ForwardMode
 from .hvp import AutogradHVP, FiniteDifferenceHVP, FunctionalHVP
@@ -45,7 +45,7 @@ __all__ = [
     "StepContext",
     "StepPlan",
     "build_method",
+    "methods_where",
     "neumann_hypergradient",
     "register_method",
-    "schedule_methods",
 ]

@@ -222,7 +222,8 @@ class Host(Protocol):
 @dataclass(frozen=True)
 class MethodOptions:
     """The hypergradient arguments of an optimizer, as the user gave them (``None``: not
-    given); each method checks and takes its own, and refuses none of the others'."""
+    given).  Each method checks and takes its own; :func:`build_method` refuses the options
+    that belong to other methods."""
 
     method: str
     granularity: Any

@@ -7,9 +7,11 @@ other methods, checks the product provider, and lets the class check and take it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ._base import HypergradientMethod, MethodOptions
 
-__all__ = ["HVP_NOTES", "METHODS", "build_method", "register_method", "schedule_methods"]
+__all__ = ["HVP_NOTES", "METHODS", "build_method", "methods_where", "register_method"]
 
 HVP_NOTES = {
     "autograd_batched": " takes the products of all tangent columns in one batched backward",
@@ -27,15 +29,11 @@ def register_method(name: str, cls: type[HypergradientMethod]) -> None:
     METHODS[name] = cls
 
 
-def schedule_methods() -> str:
-    """The methods that learn schedules, as a message names them."""
-    names = [name for name, cls in METHODS.items() if cls.learns_schedules]
-    return f"method={names[0]!r}" if len(names) == 1 else f"a method in {tuple(names)}"
-
-
-def _owners(option: str) -> str:
-    names = [name for name, cls in METHODS.items() if option in cls.options]
-    return f"method={names[0]!r}" if len(names) == 1 else f"the methods {tuple(names)}"
+def methods_where(test: Callable[[type[HypergradientMethod]], bool]) -> str:
+    """The registered methods whose class passes ``test``, as a message names them:
+    ``method='forward'``, or ``one of the methods ('a', 'b')``."""
+    names = [name for name, cls in METHODS.items() if test(cls)]
+    return f"method={names[0]!r}" if len(names) == 1 else f"one of the methods {tuple(names)}"
 
 
 def build_method(options: MethodOptions) -> HypergradientMethod:
@@ -48,18 +46,18 @@ def build_method(options: MethodOptions) -> HypergradientMethod:
     """
     cls = METHODS[options.method]
     if options.hvp not in cls.hvp_providers:
-        users = [name for name, c in METHODS.items() if options.hvp in c.hvp_providers]
+        users = methods_where(lambda c: options.hvp in c.hvp_providers)
         raise ValueError(
-            f"hvp={options.hvp!r}{HVP_NOTES.get(options.hvp, '')}: it is for "
-            f"method={users[0] if len(users) == 1 else users!r}, not method={options.method!r} "
-            "(use 'autograd')"
+            f"hvp={options.hvp!r}{HVP_NOTES.get(options.hvp, '')}: it is for {users}, not "
+            f"method={options.method!r} (use 'autograd')"
         )
     method = cls.from_options(options)
-    for option, value in options.extra.items():
-        if value is not None and option not in cls.options:
-            raise ValueError(
-                f"{option}={value!r} is an option of {_owners(option)}, not "
-                f"method={options.method!r}"
-            )
+    foreign = [(k, v) for k, v in options.extra.items() if v is not None and k not in cls.options]
+    if foreign:
+        option, value = foreign[0]
+        owners = methods_where(lambda c: option in c.options)
+        raise ValueError(
+            f"{option}={value!r} is an option of {owners}, not method={options.method!r}"
+        )
     method.name = options.method
     return method

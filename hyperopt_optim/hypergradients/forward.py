@@ -97,12 +97,16 @@ class ForwardMode(HypergradientMethod):
             extra.get("backtrack"),
             default_update_interval=DEFAULT_UPDATE_INTERVAL,
         )
-        return cls(schedule, *clamps)
+        return cls(schedule, *clamps, owner=options.method)
 
     def __init__(
-        self, options: ScheduleOptions, grad_clamp: float | None, tangent_clamp: float | None
+        self,
+        options: ScheduleOptions,
+        grad_clamp: float | None,
+        tangent_clamp: float | None,
+        owner: str = "forward",
     ) -> None:
-        self.schedule: Schedules = Schedules(options, "forward")
+        self.schedule: Schedules = Schedules(options, owner)
         self.update_interval = options.update_interval
         self.grad_clamp = grad_clamp
         self.tangent_clamp = tangent_clamp
