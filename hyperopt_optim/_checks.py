@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from torch import Tensor
 
 from ._learned import GRANULARITIES, Granularity, LearnedValue
 from .rules._base import Parametrisation
 from .schedules import MODES, ScheduleOptions
+
+if TYPE_CHECKING:
+    from .hypergradients._base import HypergradientMethod
 
 __all__ = [
     "CLAMP_NAMES",
@@ -87,6 +90,29 @@ def check_fused(owner: str, fused: object) -> None:
 def check_callable(argument: str, value: object) -> None:
     if not callable(value):
         raise TypeError(f"{argument} must be callable, got {value!r}")
+
+
+def check_divergence_guard(value: object, method: HypergradientMethod) -> bool:
+    """Whether the guard is on: ``None`` means on wherever the method allows it."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"divergence_guard must be True, False or None, got {value!r}")
+    if value and not method.restartable:
+        raise ValueError(
+            f"divergence_guard=True is not available with method={method.name!r}: restoring "
+            "the weights would break what the method carries from step to step"
+        )
+    return method.restartable if value is None else value
+
+
+def check_keep_best(value: object, method: HypergradientMethod) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"keep_best must be True or False, got {value!r}")
+    if value and not method.uses_validation:
+        raise ValueError(
+            f"keep_best=True needs a method that evaluates a validation loss, not "
+            f"method={method.name!r}"
+        )
+    return value
 
 
 def check_choice(argument: str, value: object, choices: tuple[str, ...]) -> str:

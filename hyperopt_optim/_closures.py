@@ -10,6 +10,7 @@ pure function of the parameters, for exact batched products by ``torch.func``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, cast
@@ -47,16 +48,23 @@ def _zeros_for_none(grads: list[Tensor | None], like: list[Tensor]) -> list[Tens
 
 
 def validation_gradient(
-    val_closure: Closure, params: list[Tensor], skip: Callable[[str], None]
+    val_closure: Closure,
+    params: list[Tensor],
+    skip: Callable[[str], None],
+    seen: Callable[[float], None] | None = None,
 ) -> list[Tensor] | None:
     """``∇_w L_V`` for ``params``; ``None`` after ``skip(why)`` when the loss is not finite.
-    A parameter that does not require a gradient (frozen) gets zeros."""
+    A parameter that does not require a gradient (frozen) gets zeros; ``seen`` is given the
+    finite loss."""
     variable = [p for p in params if p.requires_grad]
     with torch.enable_grad():
         value = check_validation_loss(val_closure())
-        if not bool(torch.isfinite(value.detach()).all()):
-            skip(f"the validation loss is {float(value.detach())}")
+        number = float(value.detach())
+        if not math.isfinite(number):
+            skip(f"the validation loss is {number}")
             return None
+        if seen is not None:
+            seen(number)
         grads = dict(zip(map(id, variable), grad(value, variable), strict=True))
     return [torch.zeros_like(p) if (g := grads.get(id(p))) is None else g for p in params]
 

@@ -44,8 +44,9 @@ class LearnedHyperparameters:
         self._opt = cast("HyperOptimizer", weakref.proxy(optimizer))
         self.name = type(optimizer).__name__
         self.groups: list[dict[str, LearnedValue]] = []
-        self.counters = {"step": 0, "hyper_steps": 0, "skipped_hyper_steps": 0}
+        self.counters = {"step": 0, "hyper_steps": 0, "skipped_hyper_steps": 0, "divergences": 0}
         self.last: NaturalHypergradients = []
+        self.validation_loss: float | None = None  # the last one evaluated in this step
 
     # -- the Host interface ---------------------------------------------------------------------
 
@@ -90,7 +91,10 @@ class LearnedHyperparameters:
     def validation_gradient(
         self, val_closure: Closure, params: list[Tensor]
     ) -> list[Tensor] | None:
-        return validation_gradient(val_closure, params, self.skip)
+        return validation_gradient(val_closure, params, self.skip, self._seen)
+
+    def _seen(self, value: float) -> None:
+        self.validation_loss = value
 
     def record_hypergradients(self, natural: NaturalHypergradients) -> None:
         self.last = clone_values(natural)
@@ -210,7 +214,7 @@ class LearnedHyperparameters:
                 if lv.granularity != "scalar":
                     lv.values = []
                     lv.refresh(group["params"])
-        self.counters = dict(hyper["counters"])
+        self.counters = {"divergences": 0, **hyper["counters"]}
         self.last = clone_values(hyper["hypergradients"])
 
 

@@ -49,7 +49,7 @@ class HyperAdam(HyperOptimizer):
         learn: any of ``"lr"``, ``"beta1"``, ``"beta2"``, ``"eps"``, ``"weight_decay"``
             (default: ``("lr",)``).
         granularity, method, neumann_steps, update_interval, hyper_optimizer, hvp, bounds,
-        horizon, windows, mode, clamps, backtrack:
+        horizon, windows, mode, clamps, backtrack, divergence_guard, keep_best:
             as for :class:`~hyperopt_optim.HyperSGD`; the default bounds are lr [1e-8, 10],
             weight decay [1e-10, 10], eps [1e-16, 1], betas [1e-6, 1 - 1e-6].
     """
@@ -85,6 +85,8 @@ class HyperAdam(HyperOptimizer):
         mode: str | None = None,
         clamps: Mapping[str, float] | None = None,
         backtrack: bool | None = None,
+        divergence_guard: bool | None = None,
+        keep_best: bool = False,
     ) -> None:
         flags = {
             "amsgrad": amsgrad,
@@ -128,6 +130,8 @@ class HyperAdam(HyperOptimizer):
             mode=mode,
             clamps=clamps,
             backtrack=backtrack,
+            divergence_guard=divergence_guard,
+            keep_best=keep_best,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:
@@ -205,6 +209,8 @@ class HyperAdamW(HyperAdam):
         mode: str | None = None,
         clamps: Mapping[str, float] | None = None,
         backtrack: bool | None = None,
+        divergence_guard: bool | None = None,
+        keep_best: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
@@ -214,4 +220,6 @@ class HyperAdamW(HyperAdam):
             update_interval=update_interval, hyper_optimizer=hyper_optimizer, hvp=hvp,
             bounds=bounds, horizon=horizon, windows=windows, mode=mode, clamps=clamps,
             backtrack=backtrack,
+            divergence_guard=divergence_guard,
+            keep_best=keep_best,
         )  # fmt: skip

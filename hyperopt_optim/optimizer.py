@@ -24,6 +24,7 @@ which used only the training gradient, stands), a ``RuntimeWarning`` says why an
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
@@ -37,7 +38,9 @@ from ._checks import (
     check_bounds,
     check_callable,
     check_choice,
+    check_divergence_guard,
     check_granularity,
+    check_keep_best,
     check_learn,
     check_learnable_value,
     check_saved_shapes,
@@ -45,6 +48,7 @@ from ._checks import (
 from ._closures import Closures, LossFn
 from ._hyperparameters import LearnedHyperparameters
 from ._learned import Granularity, LearnedValue
+from ._safeguards import BestWeights, DivergenceGuard, warn_divergence
 from .hypergradients import (
     METHODS,
     GroupSnapshot,
@@ -118,6 +122,8 @@ class HyperOptimizer(Optimizer):
         mode: str | None = None,
         clamps: Mapping[str, float] | None = None,
         backtrack: bool | None = None,
+        divergence_guard: bool | None = None,
+        keep_best: bool = False,
     ) -> None:
         self.learn = check_learn(learn, self.rule.learnable)
         self.granularity = check_granularity(granularity, self.learn)
@@ -141,6 +147,12 @@ class HyperOptimizer(Optimizer):
                 f"torch.optim.Optimizer, got {hyper_optimizer!r}"
             )
         self.bounds = check_bounds(bounds, self.rule.parametrisation)
+        self._guard = (
+            DivergenceGuard(self.update_interval)
+            if check_divergence_guard(divergence_guard, self._method)
+            else None
+        )
+        self._best = BestWeights() if check_keep_best(keep_best, self._method) else None
         self._hyper = LearnedHyperparameters(self)
         self._validation_closure: Closure | None = None
         self._warned_no_closure = False
@@ -345,6 +357,11 @@ class HyperOptimizer(Optimizer):
             plan = dataclasses.replace(plan, products=0)
         self._method.begin_step(self._hyper, self._hyper.take_external_writes())
         loss = self._closures.run(closure, loss_fn, self._trainable(), plan.products > 0)
+        diverged = self._watch(loss, t)
+        if diverged:
+            self._back_off(t)
+            return loss
+        self._hyper.validation_loss = None
         ctx = StepContext(self._hyper, t, None, self._gradients_of, val_closure)
         views = [self._gather(i) for i in range(len(self.param_groups))]
         # Finite differences move the live weights and call the closure, which overwrites
@@ -368,6 +385,7 @@ class HyperOptimizer(Optimizer):
                         self._update(i, params, g.grads, state, g.hp)
             self._hyper.counters["step"] = t + 1
             self._hyper.apply(self._method.after_update(ctx))
+            self._after_step(diverged, t + 1)
         finally:
             self._closures.release()
             if ctx.groups is not None and plan.products:  # what the products overwrote
@@ -375,6 +393,83 @@ class HyperOptimizer(Optimizer):
                     for p, grad in zip(g.live, g.grads, strict=True):
                         p.grad = grad
         return loss
+
+    def _watch(self, loss: Any, t: int) -> bool | None:
+        """Give the divergence guard this step's training loss."""
+        if self._guard is None:
+            return None
+        self._guard.start(self._trainable())
+        maximize = any(group.get("maximize", False) for group in self.param_groups)
+        return self._guard.observe(loss, t == 0, maximize)
+
+    def _back_off(self, t: int) -> None:
+        """The guard saw a divergence: restore, restart the state, divide a learned lr."""
+        assert self._guard is not None and self.hyper_optimizer is not None
+        self._closures.release()
+        params = self._trainable()
+        self._guard.restore(params)
+        for p in params:
+            self.state.pop(p, None)
+        backed_off = False
+        for index, learned in enumerate(self._hyper.groups):
+            lv = learned.get("lr")
+            if lv is None:
+                continue
+            with torch.no_grad():
+                for phi in lv.phi:
+                    phi.add_(math.log(self._guard.backoff))
+            lv.clip_()
+            self._hyper.show(index, "lr")
+            backed_off = True
+        if backed_off:
+            self.hyper_optimizer.state.clear()
+        self._method.restart(self._hyper.groups)
+        self._hyper.counters["divergences"] += 1
+        self._hyper.counters["step"] = t + 1
+        warn_divergence(type(self).__name__, t + 1, backed_off)
+
+    def _after_step(self, healthy: bool | None, step: int) -> None:
+        """Keep the healthy point for the guard and the best weights seen."""
+        if healthy is False and self._guard is not None:
+            self._guard.healthy(self._trainable())
+        seen = self._hyper.validation_loss
+        if self._best is not None and seen is not None:
+            self._best.offer(seen, step, self._trainable())
+
+    def restore_best(self) -> float:
+        """``keep_best=True``: put back the weights with the lowest validation loss seen.
+
+        The trainable parameters (in place) take the values they had when a hyper-step
+        evaluated the lowest validation loss so far; the optimizer's state and the learned
+        values are left as they are, so call it when training ends (or to evaluate).  Module
+        buffers that are not parameters (batch norm's running statistics) are not the
+        optimizer's and are not restored.
+
+        Returns:
+            That validation loss.
+        """
+        if self._best is None:
+            raise RuntimeError("restore_best() needs keep_best=True when the optimizer is built")
+        if self._best.params is None:
+            raise RuntimeError(
+                "restore_best(): no weights kept yet (no hyper-step has evaluated a finite "
+                "validation loss)"
+            )
+        self._best.restore(self._trainable())
+        return self._best.loss
+
+    @property
+    def best_validation_loss(self) -> float | None:
+        """``keep_best=True``: the lowest validation loss seen at a hyper-step (``None``
+        before the first, or without ``keep_best``)."""
+        if self._best is None or self._best.params is None:
+            return None
+        return self._best.loss
+
+    @property
+    def best_step(self) -> int | None:
+        """``keep_best=True``: the step count at which the kept weights were reached."""
+        return None if self._best is None else self._best.step
 
     def _check_step(
         self, closure: Closure | None, val_closure: Closure | None, loss_fn: LossFn | None
@@ -517,6 +612,8 @@ class HyperOptimizer(Optimizer):
             "hyper_optimizer": self.hyper_optimizer.state_dict(),
             "method": self._method.state_dict(),
             "resolved_hvp": self._closures.resolved,
+            "guard": None if self._guard is None else self._guard.state_dict(),
+            "best": None if self._best is None else self._best.state_dict(),
         }
         return state
 
@@ -545,6 +642,11 @@ class HyperOptimizer(Optimizer):
         self._method.load_state_dict(hyper["method"], [g["params"] for g in self.param_groups])
         if self.hvp == "auto":
             self._closures.resolved = hyper.get("resolved_hvp")
+        params = self._trainable()
+        if self._guard is not None and hyper.get("guard") is not None:
+            self._guard.load_state_dict(hyper["guard"], params)
+        if self._best is not None and hyper.get("best") is not None:
+            self._best.load_state_dict(hyper["best"], params)
 
     def __del__(self) -> None:
         # the hooks that tell whether a closure called backward() live on the parameters

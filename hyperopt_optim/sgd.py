@@ -79,6 +79,18 @@ class HyperSGD(HyperOptimizer):
         backtrack: ``method="forward", mode="episodic"`` only: an episode that ends with a
             validation loss not below the best episode's returns to the best schedule and
             steps again along its hypergradient with halved outer steps (default: True).
+        divergence_guard: watch the training loss the closure returns; when the mean over
+            ``max(update_interval, 10)`` steps is not finite, or above the lowest seen (the
+            first step's loss or an earlier interval's mean) by 10 times the first loss
+            ``|L_0|`` (when maximising: only not finite), put the weights back to the last healthy
+            check, restart the per-parameter state (momentum buffers) as a fresh torch
+            optimizer would, divide a learned learning rate by 10 and clear the
+            hyper-optimizer's state; counted in ``hyper_state["divergences"]`` and warned.
+            Keeps one copy of the trainable weights.  Default: on for ``"ift"``, ``"greedy"``
+            and ``"hd"``; ``method="forward"`` refuses it (its tangents follow the weights).
+        keep_best: keep one copy of the trainable weights at the lowest validation loss a
+            hyper-step evaluated; :meth:`restore_best` puts them back (early stopping for the
+            price of one copy; default: False).
 
     Example:
         >>> import torch
@@ -164,6 +176,8 @@ class HyperSGD(HyperOptimizer):
         mode: str | None = None,
         clamps: Mapping[str, float] | None = None,
         backtrack: bool | None = None,
+        divergence_guard: bool | None = None,
+        keep_best: bool = False,
     ) -> None:
         check_torch_flags({"nesterov": nesterov, "maximize": maximize}, foreach)
         if differentiable is not False:
@@ -200,6 +214,8 @@ class HyperSGD(HyperOptimizer):
             mode=mode,
             clamps=clamps,
             backtrack=backtrack,
+            divergence_guard=divergence_guard,
+            keep_best=keep_best,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:

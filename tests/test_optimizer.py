@@ -203,7 +203,12 @@ def test_hyperparameter_api_shapes_and_counters(
 ) -> None:
     model, data = make_model(), make_data(12)
     opt = case.make(model.parameters(), method=method, granularity=granularity)
-    assert opt.hyper_state == {"step": 0, "hyper_steps": 0, "skipped_hyper_steps": 0}
+    assert opt.hyper_state == {
+        "step": 0,
+        "hyper_steps": 0,
+        "skipped_hyper_steps": 0,
+        "divergences": 0,
+    }
 
     before = opt.hyperparameters()
     assert_structure(before, opt, case.learn, granularity)
@@ -221,7 +226,12 @@ def test_hyperparameter_api_shapes_and_counters(
     train(opt, model, data, range(12))
 
     hyper_steps = 11 if method == "hd" else 1  # hd: every step from the second; else T = 10
-    assert opt.hyper_state == {"step": 12, "hyper_steps": hyper_steps, "skipped_hyper_steps": 0}
+    assert opt.hyper_state == {
+        "step": 12,
+        "hyper_steps": hyper_steps,
+        "skipped_hyper_steps": 0,
+        "divergences": 0,
+    }
     after, grads = opt.hyperparameters(), opt.hypergradients()
     assert_structure(after, opt, case.learn, granularity)
     assert_structure(grads, opt, case.learn, granularity)
@@ -626,7 +636,7 @@ def test_loss_only_closure(case: OptimizerCase, hvp: str) -> None:
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_autograd_hvp_rejects_a_closure_that_calls_backward(case: OptimizerCase) -> None:
     model, data = make_model(), make_data(1)
-    opt = case.make(model.parameters(), hvp="autograd", update_interval=1)
+    opt = case.make(model.parameters(), method="ift", hvp="autograd", update_interval=1)
     with pytest.raises(RuntimeError, match=r"hvp='autograd'.*backward"):
         train(opt, model, data, range(1))
 
@@ -648,7 +658,12 @@ def test_step_without_closure_warns_once_and_trains(case: OptimizerCase) -> None
     relevant = [w for w in record if "without a training closure" in str(w.message)]
     assert len(relevant) == 1
     assert "neumann_steps=0" in str(relevant[0].message)
-    assert opt.hyper_state == {"step": 6, "hyper_steps": 3, "skipped_hyper_steps": 0}
+    assert opt.hyper_state == {
+        "step": 6,
+        "hyper_steps": 3,
+        "skipped_hyper_steps": 0,
+        "divergences": 0,
+    }
     assert not torch.equal(flat_first(opt.hyperparameters()[0]["lr"]), flat_first(before[0]["lr"]))
 
 
@@ -1294,7 +1309,12 @@ def test_training_on_device(case: OptimizerCase, device: str, granularity: str) 
     for t in range(12):
         closure = train_closure(opt, model, data.batches[t])
         losses.append(float(opt.step(closure, val_closure=val_closure(model, data))))
-    assert opt.hyper_state == {"step": 12, "hyper_steps": 3, "skipped_hyper_steps": 0}
+    assert opt.hyper_state == {
+        "step": 12,
+        "hyper_steps": 3,
+        "skipped_hyper_steps": 0,
+        "divergences": 0,
+    }
     assert all(math.isfinite(loss) for loss in losses)
     after = opt.hyperparameters()
     assert_structure(after, opt, case.learn, granularity)

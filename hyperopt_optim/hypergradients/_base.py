@@ -253,6 +253,9 @@ class HypergradientMethod(ABC):
     accepts_loss_fn: ClassVar[bool] = False
     #: the method has :meth:`compute_hypergradients` and schedules
     learns_schedules: ClassVar[bool] = False
+    #: the optimizer may restore the weights and restart its state mid-run (the divergence
+    #: guard): the method keeps nothing that follows the weights from step to step
+    restartable: ClassVar[bool] = True
 
     name: str = ""
     update_interval: int = 1

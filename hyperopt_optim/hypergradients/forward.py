@@ -81,6 +81,7 @@ class ForwardMode(HypergradientMethod):
     )
     accepts_loss_fn = True
     learns_schedules = True
+    restartable = False  # the tangents follow the weights
 
     @classmethod
     def from_options(cls, options: MethodOptions) -> ForwardMode:
