@@ -760,7 +760,8 @@ def main(argv: list[str] | None = None) -> None:
     records = [r for r in records if r["dataset"] in args.datasets and r["seed"] < args.seeds]
     summary = summarise(records, methods)
     (args.out / f"{prefix}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    trials = [r["runs"][m]["trials"] for r in records for m in ("random_search", "tpe")]
+    searches = [m for m in ("random_search", "tpe") if m in methods]
+    trials = [r["runs"][m]["trials"] for r in records for m in searches]
     meta = {
         "config": asdict(config),
         "config_key": config.key(),
