@@ -53,12 +53,15 @@ class DivergenceGuard:
         self.lowest = math.inf
         self.scale = math.nan  # |L_0|
         self.good: list[Tensor] | None = None  # the weights at the last healthy check
+        self._of: tuple[int, ...] = ()  # which parameters ``good`` holds
 
     def start(self, params: list[Tensor]) -> None:
-        """Keep the initial weights, the first healthy point (once)."""
-        if self.good is None:
+        """Keep the initial weights, the first healthy point (once; again when the trainable
+        parameters change, e.g. after ``add_param_group``)."""
+        if self.good is None or self._of != tuple(map(id, params)):
             with torch.no_grad():
                 self.good = [p.detach().clone() for p in params]
+            self._of = tuple(map(id, params))
 
     def observe(self, loss: Any, first: bool, rises_only_if_infinite: bool) -> bool | None:
         """Add this step's training loss; at the end of an interval, whether the run diverged
@@ -99,7 +102,7 @@ class DivergenceGuard:
 
     def healthy(self, params: list[Tensor]) -> None:
         """The interval just checked was healthy: its end is the point to come back to."""
-        if self.good is None:
+        if self.good is None or self._of != tuple(map(id, params)):
             self.start(params)
             return
         with torch.no_grad():
@@ -127,6 +130,7 @@ class DivergenceGuard:
         self.good = (
             None if good is None else [_like(x, p) for x, p in zip(good, params, strict=True)]
         )
+        self._of = tuple(map(id, params))
         self._sum, self._count = None, 0
 
 
@@ -153,14 +157,19 @@ class BestWeights:
         self.loss = math.inf
         self.step: int | None = None
         self.params: list[Tensor] | None = None
+        self._of: tuple[int, ...] = ()  # which parameters ``params`` holds
 
     def offer(self, loss: float, step: int, params: list[Tensor]) -> None:
-        """Keep ``params`` if ``loss`` (evaluated at them) is the lowest so far."""
+        """Keep ``params`` if ``loss`` (evaluated at them) is the lowest so far.  When the
+        trainable parameters changed since the last kept point, it starts again from this one."""
+        if self.params is not None and self._of != tuple(map(id, params)):
+            self.params, self.loss, self.step = None, math.inf, None
         if not math.isfinite(loss) or loss >= self.loss:
             return
         with torch.no_grad():
             if self.params is None:
                 self.params = [p.detach().clone() for p in params]
+                self._of = tuple(map(id, params))
             else:
                 for x, p in zip(self.params, params, strict=True):
                     x.copy_(p.detach())
@@ -168,6 +177,11 @@ class BestWeights:
 
     def restore(self, params: list[Tensor]) -> None:
         assert self.params is not None
+        if self._of != tuple(map(id, params)):
+            raise RuntimeError(
+                "restore_best(): the trainable parameters changed since the best weights were "
+                "kept (a param group was added, or requires_grad switched)"
+            )
         with torch.no_grad():
             for p, x in zip(params, self.params, strict=True):
                 p.copy_(x)
@@ -185,6 +199,7 @@ class BestWeights:
         self.params = (
             None if saved is None else [_like(x, p) for x, p in zip(saved, params, strict=True)]
         )
+        self._of = tuple(map(id, params))
 
 
 def _like(saved: Tensor, param: Tensor) -> Tensor:

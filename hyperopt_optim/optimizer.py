@@ -407,6 +407,7 @@ class HyperOptimizer(Optimizer):
         assert self._guard is not None and self.hyper_optimizer is not None
         self._closures.release()
         params = self._trainable()
+        self._guard.start(params)  # a no-op unless the trainable parameters changed
         self._guard.restore(params)
         for p in params:
             self.state.pop(p, None)

@@ -342,3 +342,36 @@ def test_regression_loss_diverging_with_adam_is_caught() -> None:
         losses = run(opt, model, x[:192], y[:192], x[192:], y[192:], steps=200, loss=mse_loss)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(losses[-20:]) / 20 < 10 * losses[0]
+
+
+def test_a_param_group_added_mid_run_is_watched_and_kept_too() -> None:
+    """After ``add_param_group`` the guard's healthy point and the kept best weights cover the
+    new parameters (they start again from the first point that has them)."""
+    model, x, y, xv, yv = classification()
+    extra = nn.Linear(3, 3)
+    torch.nn.init.eye_(extra.weight)
+    torch.nn.init.zeros_(extra.bias)
+    opt = HyperSGD(model.parameters(), lr=0.05, momentum=0.9, learn="lr", keep_best=True)
+
+    def net(inputs: Tensor) -> Tensor:
+        return extra(model(inputs))
+
+    def val() -> Tensor:
+        return cross_entropy(net(xv), yv)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        value = cross_entropy(net(x[:32]), y[:32])
+        value.backward()
+        return value
+
+    for _ in range(20):
+        opt.step(closure, val_closure=val)
+    opt.add_param_group({"params": list(extra.parameters())})
+    for _ in range(30):
+        opt.step(closure, val_closure=val)
+    assert opt.best_step is not None
+    assert opt.best_step > 20
+    best = opt.restore_best()
+    assert float(val()) == best
+    assert opt.hyper_state["divergences"] == 0
