@@ -45,7 +45,12 @@ CASES = (
     LegacyCase(
         "sgd_ift_scalar",
         lambda p: HyperSGD(
-            p, lr=0.05, momentum=0.9, weight_decay=1e-3, learn=("lr", "momentum", "weight_decay")
+            p,
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=1e-3,
+            learn=("lr", "momentum", "weight_decay"),
+            method="ift",  # the default in 0.1.0
         ),
         before=25,
         after=17,
@@ -53,7 +58,12 @@ CASES = (
     LegacyCase(
         "adam_ift_tensor_fd",
         lambda p: HyperAdam(
-            p, lr=1e-2, betas=(0.9, 0.99), learn=("lr", "beta1", "beta2"), granularity="tensor"
+            p,
+            lr=1e-2,
+            betas=(0.9, 0.99),
+            learn=("lr", "beta1", "beta2"),
+            granularity="tensor",
+            method="ift",  # the default in 0.1.0
         ),
         before=23,
         after=19,

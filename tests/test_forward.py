@@ -953,7 +953,7 @@ def test_loss_fn_with_a_loss_torch_func_cannot_differentiate_twice_gets_a_clear_
 
 def test_autograd_batched_is_for_forward_mode_only() -> None:
     with pytest.raises(ValueError, match=r"hvp='autograd_batched'.*not method='ift'"):
-        HyperSGD(_w(), lr=0.1, hvp="autograd_batched")
+        HyperSGD(_w(), lr=0.1, method="ift", hvp="autograd_batched")
 
 
 # --- regressions found in review -------------------------------------------------------------

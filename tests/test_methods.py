@@ -149,7 +149,7 @@ def test_which_bad_argument_is_named_first(
 def test_setting_hvp_on_the_optimizer_takes_effect() -> None:
     """``opt.hvp`` is the provider the next step uses, as it was set."""
     params, closure, val_closure = _problem()
-    opt = HyperSGD(params, lr=0.1, update_interval=1)
+    opt = HyperSGD(params, lr=0.1, method="ift", update_interval=1)
     opt.hvp = "autograd"
 
     def torch_closure() -> Tensor:
