@@ -118,6 +118,78 @@ def test_tuning_benchmark_smoke(tmp_path: Path) -> None:
     assert len((out / "tuning_smoke_runs.jsonl").read_text().splitlines()) == 2
 
 
+def test_tuning_benchmark_runs_any_subset_of_methods(tmp_path: Path) -> None:
+    """A subset without the black-box searches used to crash at its summary
+    (``KeyError: 'random_search'``)."""
+    for module in ("sklearn", "matplotlib", "tqdm"):
+        pytest.importorskip(module)
+    out = tmp_path / "results"
+    command = [str(ROOT / "benchmarks" / "tuning.py"), "--datasets", "wine", "--seeds", "1"]
+    command += ["--steps", "20", "--methods", "fixed", "ift_wd_lr_m", "unrolled_5"]
+    done = _run([*command, "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "tuning.json").read_text())
+    assert list(summary["wine"]) == ["fixed", "ift_wd_lr_m", "unrolled_5"]
+    meta = json.loads((out / "tuning_meta.json").read_text())
+    assert meta["black_box_trials"]["max"] == 0
+
+
+def test_tuning_suite_smoke(tmp_path: Path) -> None:
+    """``benchmarks/suite.py --smoke``: every configuration of the suite on one task, one seed;
+    the summary has every family's targets and the table and figure are written."""
+    for module in ("sklearn", "matplotlib", "tqdm", "schedulefree", "prodigyopt", "dadaptation"):
+        pytest.importorskip(module)
+    out = tmp_path / "results"
+    command = [str(ROOT / "benchmarks" / "suite.py"), "--smoke", "--variants", "greedy"]
+    done = _run([*command, "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "suite_smoke.json").read_text())
+    task = report["tasks"]["digits"]
+    configs = task["configs"]
+    for family in ("sgd", "adam", "adamw"):
+        for what in ("fixed", "hyper", "hyper_all", "hyper_all~greedy", "grid_best"):
+            assert f"{family}:{what}" in configs, (family, what)
+        assert configs[f"{family}:fixed"]["time_ratio"] == 1.0
+        assert configs[f"{family}:hyper"]["best_test"] > 0  # keep_best restored something
+        assert configs[f"{family}:fixed"]["es_test"] <= configs[f"{family}:fixed"]["test"] + 1e-9
+        assert set(task["targets"][family]) >= {"harm_hyper", "recover_hyper@random", "cost_hyper"}
+    for alternative in ("schedulefree", "prodigy", "dadaptation"):
+        assert configs[alternative]["test"] > 0
+    assert "### Targets" in (out / "suite_smoke.md").read_text()
+    assert (out / "suite_smoke.png").stat().st_size > 10_000
+
+
+def test_suite_tasks_load_and_train() -> None:
+    """Every task of the suite builds its data and model and takes a step (mnist1d is
+    generated locally: no download)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("mnist1d")
+    suite = _benchmark_module("suite")
+    for name in suite.TASKS:
+        data = suite.load(name)
+        assert len(data.x_train) > len(data.x_val) > 0, name
+        assert len(data.x_test) > 0, name
+        model = suite.make_model(data, 0)
+        loss = suite.loss_of(data)(model(data.x_train[:8]), data.y_train[:8])
+        assert torch.isfinite(loss), name
+    noisy = suite.load("digits_cnn_noisy")
+    clean = suite.load("digits")
+    flipped = (noisy.y_train != clean.y_train).float().mean()
+    assert 0.15 < float(flipped) < 0.25  # 20% of the training labels, validation clean
+    assert torch.equal(noisy.y_val, clean.y_val)
+
+
+def _benchmark_module(name: str) -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _tuning_module() -> Any:
     spec = importlib.util.spec_from_file_location("tuning", ROOT / "benchmarks" / "tuning.py")
     assert spec is not None
