@@ -56,6 +56,8 @@ class HyperAdam(HyperOptimizer):
 
     rule = AdamRule()
     flag_names = ("amsgrad", "maximize", "decoupled_weight_decay")
+    # on the tuning suite a step of 0.1 on log lr beat 0.05 for Adam (docs/choosing.md)
+    default_hyper_lr = 0.1
 
     def __init__(
         self,

@@ -71,10 +71,10 @@ __all__ = [
 ]
 
 DEFAULT_HYPER_LR = 0.05
-
-
-def _default_hyper_optimizer(params: list[Tensor]) -> Optimizer:
-    return torch.optim.Adam(params, lr=DEFAULT_HYPER_LR)
+"""The default hyper-optimizer's step (Adam's lr on the unconstrained values) for ``HyperSGD``,
+for every optimizer's per-weight values (``SharedAdam``), and for ``"hd"`` and ``"forward"``;
+``HyperAdam`` and ``HyperAdamW`` with ``"greedy"``/``"ift"`` use
+:attr:`HyperOptimizer.default_hyper_lr` (0.1), chosen on the tuning suite."""
 
 
 def _default_element_hyper_optimizer(params: list[Tensor]) -> Optimizer:
@@ -103,6 +103,10 @@ class HyperOptimizer(Optimizer):
 
     rule: ClassVar[UpdateRule]
     flag_names: ClassVar[tuple[str, ...]]
+    #: the default hyper-optimizer's learning rate with ``"greedy"`` and ``"ift"``:
+    #: ``torch.optim.Adam(φ, lr=default_hyper_lr)`` for scalar and per-tensor values (other
+    #: methods: :data:`DEFAULT_HYPER_LR`)
+    default_hyper_lr: ClassVar[float] = DEFAULT_HYPER_LR
 
     def __init__(
         self,
@@ -163,7 +167,9 @@ class HyperOptimizer(Optimizer):
             factory = self._method.default_hyper_optimizer
         if factory is None:
             per_weight = any(self.granularity_of(name) == "element" for name in self.learn)
-            factory = _default_element_hyper_optimizer if per_weight else _default_hyper_optimizer
+            factory = (
+                _default_element_hyper_optimizer if per_weight else self._default_hyper_optimizer
+            )
         built = factory(
             [
                 x
@@ -179,6 +185,12 @@ class HyperOptimizer(Optimizer):
         self._hyper.last = [
             self._method.zero_hypergradients(i, lv) for i, lv in enumerate(self._hyper.groups)
         ]
+
+    def _default_hyper_optimizer(self, params: list[Tensor]) -> Optimizer:
+        # the suite chose default_hyper_lr for the one-pass methods; "hd" and forward mode keep
+        # the step they were measured with
+        one_pass = self.method in ("greedy", "ift")
+        return torch.optim.Adam(params, lr=self.default_hyper_lr if one_pass else DEFAULT_HYPER_LR)
 
     @property
     def hvp(self) -> str:

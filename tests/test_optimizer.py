@@ -29,7 +29,8 @@ from torch.nn.functional import mse_loss
 
 from hyperopt_optim import HyperAdam, HyperAdamW, HyperOptimizer, HyperSGD
 
-HYPER_LR = 0.05  # the default hyper-optimizer: torch.optim.Adam(lr=0.05)
+HYPER_LR = 0.05  # HyperSGD's default hyper-optimizer: torch.optim.Adam(lr=0.05)
+ADAM_HYPER_LR = 0.1  # HyperAdam's and HyperAdamW's: torch.optim.Adam(lr=0.1)
 DEVIATION_LR = 0.002  # with per-weight values: SharedAdam(lr=0.05, deviation_lr=0.002)
 LOGIT_NAMES = frozenset({"momentum", "beta1", "beta2"})
 
@@ -284,13 +285,26 @@ def test_granularity_per_name(method: str) -> None:
             assert torch.allclose(x.double(), y.double(), rtol=1e-6), label
 
 
+def default_hyper_lr(opt: HyperOptimizer, granularity: str) -> float:
+    """The default hyper-optimizer's lr: SharedAdam's 0.05 for per-weight values, 0.05 for
+    "hd" and "forward", else the optimizer's own (0.1 for the Adams)."""
+    if granularity == "element" or isinstance(opt, HyperSGD) or opt.method not in ("greedy", "ift"):
+        return HYPER_LR
+    return ADAM_HYPER_LR
+
+
 def assert_moved_against_hypergradient(
-    before: list[dict[str, Any]], after: list[dict[str, Any]], grads: list[dict[str, Any]]
+    before: list[dict[str, Any]],
+    after: list[dict[str, Any]],
+    grads: list[dict[str, Any]],
+    hyper_lr: float,
 ) -> None:
     """The first step of the default hyper-optimizer on φ, with ``g = dL/dλ · dλ/dφ``.
 
-    Scalar and per-tensor values (``torch.optim.Adam(lr=0.05)``): ``-0.05 · g / (|g| + 1e-8)``,
-    each value moves by the hyper learning rate against its own hypergradient. Per-weight
+    Scalar and per-tensor values (``torch.optim.Adam(lr=hyper_lr)``, 0.05 for HyperSGD and
+    0.1 for HyperAdam/HyperAdamW): ``-hyper_lr · g / (|g| + 1e-8)``, each value moves by the
+    hyper learning rate against its own hypergradient (per-weight values: SharedAdam at 0.05
+    for every optimizer). Per-weight
     values (:class:`SharedAdam`, lr 0.05, deviation_lr 0.002): the tensor's shared shift
     ``-0.05 · c / (|c| + 1e-8)`` with ``c = Σ g``, plus ``-0.002 · d / (|d| + 1e-8)`` with
     ``d = g - mean(g)``.
@@ -298,8 +312,8 @@ def assert_moved_against_hypergradient(
     for (label, x0), (_, x1), (_, g) in zip(flat(before), flat(after), flat(grads), strict=True):
         name = label.split()[2].split("[")[0]
         g_phi = g.double() * natural_derivative(name, x0)
-        expected = -HYPER_LR * g_phi / (g_phi.abs() + 1e-8)
-        if g_phi.numel() > 1:  # element granularity: SharedAdam
+        expected = -hyper_lr * g_phi / (g_phi.abs() + 1e-8)
+        if g_phi.numel() > 1:  # element granularity: SharedAdam (hyper_lr is its 0.05)
             shared = g_phi.sum()
             deviation = g_phi - g_phi.mean()
             expected = -HYPER_LR * shared / (shared.abs() + 1e-8) - DEVIATION_LR * deviation / (
@@ -331,7 +345,9 @@ def test_first_hyper_step_moves_each_value_against_its_hypergradient(
     before = opt.hyperparameters()
     train(opt, model, data, range(1, 2))
     assert opt.hyper_state["hyper_steps"] == 1
-    assert_moved_against_hypergradient(before, opt.hyperparameters(), opt.hypergradients())
+    assert_moved_against_hypergradient(
+        before, opt.hyperparameters(), opt.hypergradients(), default_hyper_lr(opt, granularity)
+    )
 
 
 # -- 2. param groups --------------------------------------------------------------------------
@@ -365,7 +381,7 @@ def test_param_groups_learn_separately(case: OptimizerCase, method: str, granula
     before = opt.hyperparameters()
     train(opt, model, data, range(1, 2))
     after, grads = opt.hyperparameters(), opt.hypergradients()
-    assert_moved_against_hypergradient(before, after, grads)
+    assert_moved_against_hypergradient(before, after, grads, default_hyper_lr(opt, granularity))
     # each group's values moved from that group's own starting point
     assert not torch.equal(flat_first(after[0]["lr"]), flat_first(after[1]["lr"]))
 

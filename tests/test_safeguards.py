@@ -375,3 +375,22 @@ def test_a_param_group_added_mid_run_is_watched_and_kept_too() -> None:
     best = opt.restore_best()
     assert float(val()) == best
     assert opt.hyper_state["divergences"] == 0
+
+
+def test_the_default_hyper_learning_rates() -> None:
+    """Chosen on the tuning suite: Adam's step on φ is 0.05 for HyperSGD and 0.1 for the Adams
+    with the one-pass methods; hd, forward mode and per-weight values (SharedAdam) keep 0.05."""
+    model, *_ = classification()
+
+    def hyper_lr(opt: HyperOptimizer) -> float:
+        assert opt.hyper_optimizer is not None
+        return float(opt.hyper_optimizer.defaults["lr"])
+
+    assert hyper_lr(HyperSGD(model.parameters())) == 0.05
+    for cls in (HyperAdam, HyperAdamW):
+        assert hyper_lr(cls(model.parameters())) == 0.1
+        assert hyper_lr(cls(model.parameters(), method="ift")) == 0.1
+        assert hyper_lr(cls(model.parameters(), method="hd")) == 0.05
+        assert hyper_lr(cls(model.parameters(), method="forward", horizon=10)) == 0.05
+        assert hyper_lr(cls(model.parameters(), granularity="element")) == 0.05
+    assert HyperSGD(model.parameters()).method == "greedy"
