@@ -160,50 +160,6 @@ TASK_SPECS = {
 }
 
 
-def _split(x: np.ndarray, y: np.ndarray, task: str, name: str) -> tuning.Data:
-    """60/20/20, standardised on the training part (inputs; the target for regression)."""
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
-
-    strat = y if task == "classification" else None
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=0, stratify=strat
-    )
-    strat = y_rest if task == "classification" else None
-    x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=0.25, random_state=0, stratify=strat
-    )
-    scaler = StandardScaler().fit(x_train)
-
-    def feats(a: np.ndarray) -> Tensor:
-        return torch.tensor(scaler.transform(a), dtype=torch.float32)
-
-    if task == "classification":
-
-        def targets(a: np.ndarray) -> Tensor:
-            return torch.tensor(a, dtype=torch.long)
-
-        outputs = int(y.max()) + 1
-    else:
-        mean, std = float(y_train.mean()), float(y_train.std())
-
-        def targets(a: np.ndarray) -> Tensor:
-            return torch.tensor((a - mean) / std, dtype=torch.float32).unsqueeze(1)
-
-        outputs = 1
-    return tuning.Data(
-        name,
-        task,
-        feats(x_train),
-        targets(y_train),
-        feats(x_val),
-        targets(y_val),
-        feats(x_test),
-        targets(y_test),
-        outputs,
-    )
-
-
 def load(name: str) -> tuning.Data:
     if name in tuning.DATASETS:
         return tuning.load(name)
@@ -229,7 +185,7 @@ def load(name: str) -> tuning.Data:
         raw = make_dataset(args)  # 4000 training + 1000 test examples, generated here
         x = np.concatenate([raw["x"], raw["x_test"]])
         y = np.concatenate([raw["y"], raw["y_test"]])
-        data = _split(x, y, "classification", name)
+        data = tuning.split(x, y, "classification", name)
         if name == "mnist1d_cnn":
             data = replace(
                 data,
@@ -244,12 +200,12 @@ def load(name: str) -> tuning.Data:
         x, y = make_classification(
             n_samples=300, n_features=100, n_informative=10, flip_y=0.05, random_state=0
         )
-        return _split(x, y, "classification", name)
+        return tuning.split(x, y, "classification", name)
     if name == "friedman":
         from sklearn.datasets import make_friedman1
 
         x, y = make_friedman1(n_samples=600, noise=1.0, random_state=0)
-        return _split(x, y, "regression", name)
+        return tuning.split(x, y, "regression", name)
     raise ValueError(f"task must be one of {TASKS}, got {name!r}")
 
 

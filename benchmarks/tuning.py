@@ -153,8 +153,6 @@ def load(name: str) -> Data:
     """One of scikit-learn's bundled datasets, split 60/20/20 with a fixed seed and
     standardised on the training part (inputs; and the target, for regression)."""
     from sklearn import datasets
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
 
     loaders = {
         "digits": datasets.load_digits,
@@ -165,7 +163,15 @@ def load(name: str) -> Data:
     if name not in loaders:
         raise ValueError(f"dataset must be one of {sorted(loaders)}, got {name!r}")
     x, y = loaders[name](return_X_y=True)
-    task = "regression" if name == "diabetes" else "classification"
+    return split(x, y, "regression" if name == "diabetes" else "classification", name)
+
+
+def split(x: np.ndarray, y: np.ndarray, task: str, name: str) -> Data:
+    """``(x, y)`` split 60/20/20 with a fixed seed (stratified for classification) and
+    standardised on the training part: the inputs, and the target for ``task="regression"``."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
     stratify = y if task == "classification" else None
     x_rest, x_test, y_rest, y_test = train_test_split(
         x, y, test_size=0.2, random_state=SPLIT_SEED, stratify=stratify
