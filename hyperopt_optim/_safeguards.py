@@ -50,6 +50,7 @@ class DivergenceGuard:
         self.interval = max(int(interval), 10)
         self._sum: Tensor | None = None  # the losses of this interval, summed on their device
         self._count = 0
+        self.current_ok = False  # at the last check: this step's own loss was good
         self.lowest = math.inf
         self.scale = math.nan  # |L_0|
         self.good: list[Tensor] | None = None  # the weights at the last healthy check
@@ -89,19 +90,28 @@ class DivergenceGuard:
             return None
         mean = float(self._sum) / self._count
         self._sum, self._count = None, 0
+        current = float(value)  # the loss at the weights the step is about to update
+        self.current_ok = False
         if not math.isfinite(mean):
             return True
         if rises_only_if_infinite:
+            self.current_ok = math.isfinite(current)
             return False
         if math.isnan(self.scale):  # the first loss was not seen: this mean sets the scale
             self.scale = abs(mean)
         if mean > self.lowest + self.factor * self.scale:
             return True
         self.lowest = min(self.lowest, mean)
+        # a point to come back to must itself be good, not merely short of a divergence
+        self.current_ok = math.isfinite(current) and current <= self.lowest + self.scale
         return False
 
     def healthy(self, params: list[Tensor]) -> None:
-        """The interval just checked was healthy: its end is the point to come back to."""
+        """Keep ``params`` as the point to come back to: the weights at which this step's
+        closure was just evaluated, after a healthy interval, with a loss of their own no more
+        than ``|L_0|`` above the lowest (:attr:`current_ok`).  Keeping the weights *before*
+        the step's update, whose loss is known, rather than after it, means a last update that
+        blew up can never become the point restored."""
         if self.good is None or self._of != tuple(map(id, params)):
             self.start(params)
             return

@@ -397,7 +397,7 @@ class HyperOptimizer(Optimizer):
                         self._update(i, params, g.grads, state, g.hp)
             self._hyper.counters["step"] = t + 1
             self._hyper.apply(self._method.after_update(ctx))
-            self._after_step(diverged, t + 1)
+            self._after_step(t + 1)
         finally:
             self._closures.release()
             if ctx.groups is not None and plan.products:  # what the products overwrote
@@ -410,9 +410,13 @@ class HyperOptimizer(Optimizer):
         """Give the divergence guard this step's training loss."""
         if self._guard is None:
             return None
-        self._guard.start(self._trainable())
+        params = self._trainable()
+        self._guard.start(params)
         maximize = any(group.get("maximize", False) for group in self.param_groups)
-        return self._guard.observe(loss, t == 0, maximize)
+        verdict = self._guard.observe(loss, t == 0, maximize)
+        if verdict is False and self._guard.current_ok:
+            self._guard.healthy(params)  # w_t, whose loss the closure just gave
+        return verdict
 
     def _back_off(self, t: int) -> None:
         """The guard saw a divergence: restore, restart the state, divide a learned lr."""
@@ -441,10 +445,8 @@ class HyperOptimizer(Optimizer):
         self._hyper.counters["step"] = t + 1
         warn_divergence(type(self).__name__, t + 1, backed_off)
 
-    def _after_step(self, healthy: bool | None, step: int) -> None:
-        """Keep the healthy point for the guard and the best weights seen."""
-        if healthy is False and self._guard is not None:
-            self._guard.healthy(self._trainable())
+    def _after_step(self, step: int) -> None:
+        """Keep the best weights seen."""
         seen = self._hyper.validation_loss
         if self._best is not None and seen is not None:
             self._best.offer(seen, step, self._trainable())

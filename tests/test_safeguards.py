@@ -10,9 +10,12 @@ hyper-step evaluated, change nothing else, and survive a state-dict round trip.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,11 +133,12 @@ def test_a_diverging_learning_rate_is_backed_off_and_the_weights_restored(method
 
 
 def test_a_non_finite_loss_restores_the_last_healthy_weights() -> None:
+    """The point kept is the weights at which a check's closure was evaluated (before that
+    step's update): here the 20th call's, i.e. the weights after 19 updates."""
     model, x, y, xv, yv = classification()
     opt = HyperSGD(model.parameters(), lr=0.05, momentum=0.9, learn="lr")
-    run(opt, model, x, y, xv, yv, steps=20)  # two healthy checks: the point kept is step 20
+    run(opt, model, x, y, xv, yv, steps=19)
     kept = params_of(model)
-    lr = float(opt.hyperparameters()[0]["lr"])
     poison = {"on": False}
 
     def closure() -> Tensor:
@@ -148,9 +152,11 @@ def test_a_non_finite_loss_restores_the_last_healthy_weights() -> None:
     def val() -> Tensor:
         return cross_entropy(model(xv), yv)
 
+    opt.step(closure, val_closure=val)  # call 20: a healthy check keeps `kept`, a hyper-step
+    lr = float(opt.hyperparameters()[0]["lr"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for t in range(10):
+        for t in range(10):  # calls 21-30; the check at call 30 sees the non-finite loss
             poison["on"] = t == 4
             opt.step(closure, val_closure=val)
     assert any("diverged" in str(w.message) for w in caught)
@@ -159,6 +165,28 @@ def test_a_non_finite_loss_restores_the_last_healthy_weights() -> None:
         assert torch.equal(p.detach(), k)
     assert float(opt.hyperparameters()[0]["lr"]) == pytest.approx(lr * 0.1, rel=1e-6)
     assert all(not s for s in opt.state.values())  # the momentum restarts
+
+
+def test_a_blow_up_in_the_last_step_of_an_interval_is_never_the_point_restored() -> None:
+    """A case the tuning suite found (breast cancer, seed 2, SGD from lr 2.65): when the point
+    kept was the weights *after* a healthy interval's last update, that update could already
+    have blown them up; every check after a restore then diverged again, 19 back-offs in 200
+    steps, the lr at its lower bound 1e-8 and a test loss of 132.  The point kept is now the
+    weights whose own loss the check saw."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import suite  # the suite's data, model, batches and loop
+
+    data = suite.load("breast_cancer")
+    task = dataclasses.replace(suite.TASK_SPECS["breast_cancer"], steps=200)
+    start = {"lr": 2.65, "weight_decay": 0.00706, "momentum": 0.314}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = suite.train(data, task, 2, "sgd", "hyper", start, {}, track=False)
+    assert 1 <= out.divergences <= 3
+    assert out.final is not None
+    assert out.final["lr"] > 1e-3
+    assert out.test < 0.5
 
 
 def test_without_a_learned_lr_the_guard_restores_but_keeps_the_lr() -> None:
