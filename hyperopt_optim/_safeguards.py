@@ -3,7 +3,9 @@
 :class:`DivergenceGuard` watches the training loss the closure returns.  Every ``interval``
 steps it compares the interval's mean loss with the lowest seen (the first step's loss, or an
 earlier interval's mean).  A mean that is not finite, or ``factor`` times the lowest, means the
-run is diverging: the weights go back to the last healthy interval's end, the optimizer's
+run is diverging: the weights go back to the last healthy point (the weights at which a
+healthy check's closure was evaluated, with a loss of their own at most ``|L_0|`` above the
+lowest), the optimizer's
 per-parameter state (momentum buffers, Adam's moments) restarts as a fresh torch optimizer's
 would, the learned learning rate is divided by ``1 / backoff`` and the hyper-optimizer's state
 is cleared, so its momentum does not push the learning rate straight back.  The step that

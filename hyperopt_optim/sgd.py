@@ -84,10 +84,11 @@ class HyperSGD(HyperOptimizer):
         divergence_guard: watch the training loss the closure returns; when the mean over
             ``max(update_interval, 10)`` steps is not finite, or above the lowest seen (the
             first step's loss or an earlier interval's mean) by 10 times the first loss
-            ``|L_0|`` (when maximising: only not finite), put the weights back to the last healthy
-            check, restart the per-parameter state (momentum buffers) as a fresh torch
-            optimizer would, divide a learned learning rate by 10 and clear the
-            hyper-optimizer's state; counted in ``hyper_state["divergences"]`` and warned.
+            ``|L_0|`` (when maximising: only not finite), put the weights back to the last
+            healthy point (the weights a healthy check's closure was evaluated at, their own
+            loss at most ``|L_0|`` above the lowest), restart the per-parameter state (momentum
+            buffers) as a fresh torch optimizer would, divide a learned learning rate by 10 and
+            clear the hyper-optimizer's state; counted in ``hyper_state["divergences"]`` and warned.
             Keeps one copy of the trainable weights.  Default: on for ``"ift"``, ``"greedy"``
             and ``"hd"``; ``method="forward"`` refuses it (its tangents follow the weights).
         keep_best: keep one copy of the trainable weights at the lowest validation loss a
