@@ -187,9 +187,9 @@ class HyperOptimizer(Optimizer):
         ]
 
     def _default_hyper_optimizer(self, params: list[Tensor]) -> Optimizer:
-        # the suite chose default_hyper_lr for the one-pass methods; "hd" and forward mode keep
-        # the step they were measured with
-        one_pass = self.method in ("greedy", "ift")
+        # the suite chose default_hyper_lr for the methods that step one value per name on the
+        # validation loss (greedy, ift); "hd" and forward mode keep the step they were measured with
+        one_pass = self._method.uses_validation and not self._method.learns_schedules
         return torch.optim.Adam(params, lr=self.default_hyper_lr if one_pass else DEFAULT_HYPER_LR)
 
     @property
