@@ -340,10 +340,10 @@ def train(
     if kind == "hyper":
         val_batch = options.get("val_batch")
         if val_batch:  # fresh validation minibatches, one per hyper-step
-            order = tuning.batches(len(data.x_val), val_batch, seed + 1)
+            val_order = tuning.batches(len(data.x_val), val_batch, seed + 1)
 
             def val_closure() -> Tensor:
-                index = next(order)
+                index = next(val_order)
                 return fn(model(data.x_val[index]), data.y_val[index])
         else:
 

@@ -140,14 +140,21 @@ def test_tuning_suite_smoke(tmp_path: Path) -> None:
     for module in ("sklearn", "matplotlib", "tqdm", "schedulefree", "prodigyopt", "dadaptation"):
         pytest.importorskip(module)
     out = tmp_path / "results"
-    command = [str(ROOT / "benchmarks" / "suite.py"), "--smoke", "--variants", "greedy"]
+    command = [str(ROOT / "benchmarks" / "suite.py"), "--smoke", "--variants", "greedy", "valbatch"]
     done = _run([*command, "--out", str(out)], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "suite_smoke.json").read_text())
     task = report["tasks"]["digits"]
     configs = task["configs"]
     for family in ("sgd", "adam", "adamw"):
-        for what in ("fixed", "hyper", "hyper_all", "hyper_all~greedy", "grid_best"):
+        for what in (
+            "fixed",
+            "hyper",
+            "hyper_all",
+            "hyper_all~greedy",
+            "hyper_all~valbatch",
+            "grid_best",
+        ):
             assert f"{family}:{what}" in configs, (family, what)
         assert configs[f"{family}:fixed"]["time_ratio"] == 1.0
         assert configs[f"{family}:hyper"]["best_test"] > 0  # keep_best restored something
