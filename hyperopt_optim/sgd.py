@@ -60,7 +60,9 @@ class HyperSGD(HyperOptimizer):
         update_interval: ``T``, steps between hyper-steps (default: 10; 1 for ``"hd"``).
         hyper_optimizer: a callable taking the list of unconstrained learned values
             (``log`` of lr and weight decay, ``logit`` of momentum) and returning a torch
-            optimizer over them (default: ``torch.optim.Adam(params, lr=0.05)``).
+            optimizer over them (default: ``torch.optim.Adam(params, lr=0.05)``; ``HyperAdam``
+            and ``HyperAdamW`` use lr 0.1 with ``"greedy"`` and ``"ift"``; per-weight values
+            ``SharedAdam(params, lr=0.05)``).
         hvp: how Hessian-vector products are taken: ``"autograd"`` (exact; the closure must
             return the loss without calling ``backward()``), ``"finite_difference"`` (central
             differences of the gradient, two closure calls per product, any closure),
