@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, cast
 
 from torch import Tensor
 
-from ._learned import GRANULARITIES, Granularity, LearnedValue
+from ._learned import GRANULARITIES, Granularity, LearnedValue, to_unconstrained
 from .rules._base import Parametrisation
 from .schedules import MODES, ScheduleOptions
 
@@ -369,4 +369,47 @@ def check_saved_shapes(
                     f"the state dict's learned {name!r} has shapes {shapes}, this optimizer's "
                     f"{[tuple(p.shape) for p in lv.phi]} (granularity {lv.granularity!r}): was it "
                     "saved with another granularity?"
+                )
+
+
+def check_saved_values(
+    learned: list[dict[str, LearnedValue]],
+    saved: list[dict[str, list[Tensor]]],
+    groups: list[dict[str, object]],
+) -> None:
+    """Refuse a state dict whose learned values (``φ``) are not finite or lie outside this
+    optimizer's bounds, or whose param groups hold a learned name's value that is not finite or
+    is negative, naming the first one found (before anything loads)."""
+    for index, (group, values) in enumerate(zip(learned, saved, strict=True)):
+        for name, lv in group.items():
+            lo, hi = (to_unconstrained(b, lv.fraction) for b in lv.bounds)
+            slack = 1e-9 * max(1.0, abs(lo), abs(hi))
+            for x in values[name]:
+                x = x.detach().double()
+                if not bool(x.isfinite().all()):
+                    raise ValueError(
+                        f"the state dict's learned {name!r} of param group {index} is not finite: "
+                        "it would turn the weights non-finite at the next step; refusing to load it"
+                    )
+                if bool((x < lo - slack).any()) or bool((x > hi + slack).any()):
+                    raise ValueError(
+                        f"the state dict's learned {name!r} of param group {index} lies outside "
+                        f"this optimizer's bounds {lv.bounds}: pass bounds= to match the run that "
+                        "saved it"
+                    )
+    check_saved_group_values(learned, groups)
+
+
+def check_saved_group_values(
+    learned: list[dict[str, LearnedValue]], groups: list[dict[str, object]]
+) -> None:
+    """Refuse a state dict (this optimizer's or torch's) whose param groups hold a learned
+    name's value that is not finite or is negative."""
+    for index, (saved_group, learned_names) in enumerate(zip(groups, learned, strict=False)):
+        for name in learned_names:
+            value = saved_group.get(name)
+            if isinstance(value, int | float) and (not math.isfinite(value) or value < 0):
+                raise ValueError(
+                    f"the state dict's param group {index} has {name}={value!r}: a learned value "
+                    "must be finite and non-negative"
                 )

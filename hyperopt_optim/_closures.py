@@ -65,7 +65,17 @@ def validation_gradient(
             return None
         if seen is not None:
             seen(number)
-        grads = dict(zip(map(id, variable), grad(value, variable), strict=True))
+        try:
+            grads = dict(zip(map(id, variable), grad(value, variable), strict=True))
+        except RuntimeError as err:
+            if "second time" not in str(err):
+                raise
+            raise RuntimeError(
+                "val_closure must return the validation loss without calling backward(): the "
+                "optimizer differentiates it itself, and a backward() inside the closure has "
+                "already freed its graph (torch: 'Trying to backward through the graph a second "
+                "time')"
+            ) from err
     return [torch.zeros_like(p) if (g := grads.get(id(p))) is None else g for p in params]
 
 

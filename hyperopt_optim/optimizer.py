@@ -43,7 +43,9 @@ from ._checks import (
     check_keep_best,
     check_learn,
     check_learnable_value,
+    check_saved_group_values,
     check_saved_shapes,
+    check_saved_values,
 )
 from ._closures import Closures, LossFn
 from ._hyperparameters import LearnedHyperparameters
@@ -645,7 +647,10 @@ class HyperOptimizer(Optimizer):
         if hyper is not None:  # check before anything loads
             hyper = upgrade_state_dict(hyper)
             check_saved_shapes(self._hyper.groups, hyper["phi"])
+            check_saved_values(self._hyper.groups, hyper["phi"], state_dict.get("param_groups", []))
             self._method.check_state_dict(hyper["method"])
+        else:
+            check_saved_group_values(self._hyper.groups, state_dict.get("param_groups", []))
         super().load_state_dict(state_dict)
         if hyper is None:
             self._hyper.take_external_writes()

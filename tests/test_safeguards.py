@@ -422,3 +422,63 @@ def test_the_default_hyper_learning_rates() -> None:
         assert hyper_lr(cls(model.parameters(), method="forward", horizon=10)) == 0.05
         assert hyper_lr(cls(model.parameters(), granularity="element")) == 0.05
     assert HyperSGD(model.parameters()).method == "greedy"
+
+
+def test_a_validation_closure_that_calls_backward_gets_a_clear_error() -> None:
+    model, x, y, xv, yv = classification()
+    opt = HyperSGD(model.parameters(), lr=0.05, update_interval=1)
+
+    def val() -> Tensor:
+        value = cross_entropy(model(xv), yv)
+        value.backward()  # the mistake: torch's training-closure habit
+        return value
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        value = cross_entropy(model(x), y)
+        value.backward()
+        return value
+
+    with pytest.raises(RuntimeError, match=r"val_closure must return .* without calling backward"):
+        opt.step(closure, val_closure=val)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    ["nan_phi", "phi_out_of_bounds", "negative_group_lr", "nan_group_lr"],
+)
+def test_a_corrupt_state_dict_is_refused_before_anything_loads(corrupt: str) -> None:
+    """A NaN among the learned values used to load silently and turn the weights NaN at the
+    next hyper-step; a negative group lr was clipped to 1e-8 without a word."""
+    model, *data = classification()
+    opt = HyperSGD(model.parameters(), lr=0.05, momentum=0.9, learn=("lr", "momentum"))
+    run(opt, model, *data, steps=12)
+    saved = copy.deepcopy(opt.state_dict())
+    if corrupt == "nan_phi":
+        saved["hyper"]["phi"][0]["lr"][0].fill_(math.nan)
+    elif corrupt == "phi_out_of_bounds":
+        saved["hyper"]["phi"][0]["lr"][0].fill_(math.log(100.0))  # lr 100 > the bound 10
+    elif corrupt == "negative_group_lr":
+        saved["param_groups"][0]["lr"] = -1.0
+    else:
+        saved["param_groups"][0]["lr"] = math.nan
+    fresh_model, *_ = classification()
+    fresh = HyperSGD(fresh_model.parameters(), lr=0.05, momentum=0.9, learn=("lr", "momentum"))
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match="lr"):
+        fresh.load_state_dict(saved)
+    after = fresh.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["hyper"]["counters"] == before["hyper"]["counters"]
+    assert torch.equal(after["hyper"]["phi"][0]["lr"][0], before["hyper"]["phi"][0]["lr"][0])
+
+
+def test_a_torch_state_dict_with_a_negative_lr_is_refused() -> None:
+    model, *_ = classification()
+    plain = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    saved = copy.deepcopy(plain.state_dict())
+    saved["param_groups"][0]["lr"] = -1.0
+    opt = HyperSGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pytest.raises(ValueError, match=r"param group 0 has lr=-1.0"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.05
