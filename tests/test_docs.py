@@ -70,3 +70,15 @@ def test_relative_links_resolve(path: Path) -> None:
         elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
             broken.append(f"{link} (no such heading)")
     assert not broken, broken
+
+
+def test_the_readme_script_runs() -> None:
+    """The README's complete script has no undefined names and runs as it is."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("A complete script")
+    block = re.search(r"```python\n(.*?)```", readme[start:], flags=re.S)
+    assert block is not None
+    namespace: dict[str, object] = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    opt = namespace["opt"]
+    assert opt.hyper_state["hyper_steps"] > 0  # type: ignore[attr-defined]
