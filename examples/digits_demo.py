@@ -213,11 +213,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
     parser.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch's intra-op threads (default: 1; on this small model more threads only "
+        "contend, and on a busy machine they slow the run several times)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"figure path (default: {DEFAULT_OUT})"
     )
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
 
     begin = time.perf_counter()
     data = load_data()
