@@ -26,7 +26,51 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BestWeights", "DivergenceGuard"]
+__all__ = ["BestWeights", "DivergenceGuard", "WeightCopy"]
+
+
+class WeightCopy:
+    """One copy of the trainable parameters, and which tensors it was taken from (so a param
+    group added later, or a switched ``requires_grad``, is noticed)."""
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor] | None = None
+        self._of: tuple[int, ...] = ()
+
+    def holds(self, params: list[Tensor]) -> bool:
+        """Whether this is a copy of exactly ``params``."""
+        return self.tensors is not None and self._of == tuple(map(id, params))
+
+    def keep(self, params: list[Tensor]) -> None:
+        """Copy ``params`` (in place when it already holds them)."""
+        with torch.no_grad():
+            if self.holds(params):
+                assert self.tensors is not None
+                for x, p in zip(self.tensors, params, strict=True):
+                    x.copy_(p.detach())
+            else:
+                self.tensors = [p.detach().clone() for p in params]
+                self._of = tuple(map(id, params))
+
+    def restore(self, params: list[Tensor]) -> None:
+        """Put the copy back into ``params``, which it must hold."""
+        assert self.tensors is not None and self.holds(params)
+        with torch.no_grad():
+            for p, x in zip(params, self.tensors, strict=True):
+                p.copy_(x)
+
+    def state_dict(self) -> list[Tensor] | None:
+        return None if self.tensors is None else [x.clone() for x in self.tensors]
+
+    def load_state_dict(self, saved: list[Tensor] | None, params: list[Tensor]) -> None:
+        """Take a saved copy, on each parameter's device and in its dtype."""
+        if saved is None:
+            self.tensors, self._of = None, ()
+            return
+        self.tensors = [
+            x.to(device=p.device, dtype=p.dtype).clone() for x, p in zip(saved, params, strict=True)
+        ]
+        self._of = tuple(map(id, params))
 
 
 class DivergenceGuard:
@@ -41,6 +85,9 @@ class DivergenceGuard:
     negative loss, from looking like a divergence.  When the objective is maximised only a
     loss that is not finite counts.
 
+    Per step the guard only adds the loss to a sum on its device (:meth:`add`); the host sync,
+    the verdict and the weights are touched once an interval (:meth:`check`).
+
     Args:
         interval: steps between checks (the method's ``update_interval``, at least 10).
     """
@@ -51,48 +98,44 @@ class DivergenceGuard:
     def __init__(self, interval: int) -> None:
         self.interval = max(int(interval), 10)
         self._sum: Tensor | None = None  # the losses of this interval, summed on their device
+        self._last: Tensor | None = None  # this step's loss
         self._count = 0
         self.current_ok = False  # at the last check: this step's own loss was good
         self.lowest = math.inf
         self.scale = math.nan  # |L_0|
-        self.good: list[Tensor] | None = None  # the weights at the last healthy check
-        self._of: tuple[int, ...] = ()  # which parameters ``good`` holds
+        self.good = WeightCopy()  # the point to come back to
 
-    def start(self, params: list[Tensor]) -> None:
-        """Keep the initial weights, the first healthy point (once; again when the trainable
-        parameters change, e.g. after ``add_param_group``)."""
-        if self.good is None or self._of != tuple(map(id, params)):
-            with torch.no_grad():
-                self.good = [p.detach().clone() for p in params]
-            self._of = tuple(map(id, params))
-
-    def observe(self, loss: Any, first: bool, rises_only_if_infinite: bool) -> bool | None:
-        """Add this step's training loss; at the end of an interval, whether the run diverged
-        (``None`` between checks, and when the closure returned no loss).
-
-        Args:
-            first: this is the loss at the initial weights (it sets the scale).
-            rises_only_if_infinite: the objective is maximised: only a loss that is not finite
-                counts as a divergence.
-        """
+    def add(self, loss: Any, first: bool) -> bool:
+        """Add this step's training loss; whether an interval ends here (always ``False``
+        when the closure returned no loss).  ``first``: the loss at the initial weights, which
+        sets the scale."""
         if isinstance(loss, Tensor) and loss.numel() == 1:
             value = loss.detach().reshape(()).to(torch.float64)
         elif isinstance(loss, float | int):
             value = torch.tensor(float(loss), dtype=torch.float64)
         else:
-            return None
+            return False
         if first:
             first_value = float(value)
             if math.isfinite(first_value):
                 self.lowest = min(self.lowest, first_value)
                 self.scale = abs(first_value)
         self._sum = value if self._sum is None else self._sum + value
+        self._last = value
         self._count += 1
-        if self._count < self.interval:
-            return None
+        return self._count >= self.interval
+
+    def check(self, rises_only_if_infinite: bool) -> bool:
+        """At the end of an interval: whether the run diverged; also sets :attr:`current_ok`.
+
+        Args:
+            rises_only_if_infinite: the objective is maximised: only a loss that is not finite
+                counts as a divergence.
+        """
+        assert self._sum is not None and self._last is not None
         mean = float(self._sum) / self._count
-        self._sum, self._count = None, 0
-        current = float(value)  # the loss at the weights the step is about to update
+        current = float(self._last)  # the loss at the weights the step is about to update
+        self._sum, self._last, self._count = None, None, 0
         self.current_ok = False
         if not math.isfinite(mean):
             return True
@@ -108,42 +151,14 @@ class DivergenceGuard:
         self.current_ok = math.isfinite(current) and current <= self.lowest + self.scale
         return False
 
-    def healthy(self, params: list[Tensor]) -> None:
-        """Keep ``params`` as the point to come back to: the weights at which this step's
-        closure was just evaluated, after a healthy interval, with a loss of their own no more
-        than ``|L_0|`` above the lowest (:attr:`current_ok`).  Keeping the weights *before*
-        the step's update, whose loss is known, rather than after it, means a last update that
-        blew up can never become the point restored."""
-        if self.good is None or self._of != tuple(map(id, params)):
-            self.start(params)
-            return
-        with torch.no_grad():
-            for g, p in zip(self.good, params, strict=True):
-                g.copy_(p.detach())
-
-    def restore(self, params: list[Tensor]) -> None:
-        """Put the last healthy weights back."""
-        assert self.good is not None
-        with torch.no_grad():
-            for p, g in zip(params, self.good, strict=True):
-                p.copy_(g)
-
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "lowest": self.lowest,
-            "scale": self.scale,
-            "good": None if self.good is None else [x.clone() for x in self.good],
-        }
+        return {"lowest": self.lowest, "scale": self.scale, "good": self.good.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
         self.lowest = float(state["lowest"])
         self.scale = float(state["scale"])
-        good = state["good"]
-        self.good = (
-            None if good is None else [_like(x, p) for x, p in zip(good, params, strict=True)]
-        )
-        self._of = tuple(map(id, params))
-        self._sum, self._count = None, 0
+        self.good.load_state_dict(state["good"], params)
+        self._sum, self._last, self._count = None, None, 0
 
 
 def warn_divergence(name: str, step: int, backed_off: bool) -> None:
@@ -168,52 +183,33 @@ class BestWeights:
     def __init__(self) -> None:
         self.loss = math.inf
         self.step: int | None = None
-        self.params: list[Tensor] | None = None
-        self._of: tuple[int, ...] = ()  # which parameters ``params`` holds
+        self.weights = WeightCopy()
+
+    @property
+    def kept(self) -> bool:
+        return self.weights.tensors is not None
 
     def offer(self, loss: float, step: int, params: list[Tensor]) -> None:
         """Keep ``params`` if ``loss`` (evaluated at them) is the lowest so far.  When the
         trainable parameters changed since the last kept point, it starts again from this one."""
-        if self.params is not None and self._of != tuple(map(id, params)):
-            self.params, self.loss, self.step = None, math.inf, None
+        if self.kept and not self.weights.holds(params):
+            self.weights, self.loss, self.step = WeightCopy(), math.inf, None
         if not math.isfinite(loss) or loss >= self.loss:
             return
-        with torch.no_grad():
-            if self.params is None:
-                self.params = [p.detach().clone() for p in params]
-                self._of = tuple(map(id, params))
-            else:
-                for x, p in zip(self.params, params, strict=True):
-                    x.copy_(p.detach())
+        self.weights.keep(params)
         self.loss, self.step = loss, step
 
     def restore(self, params: list[Tensor]) -> None:
-        assert self.params is not None
-        if self._of != tuple(map(id, params)):
+        if not self.weights.holds(params):
             raise RuntimeError(
                 "restore_best(): the trainable parameters changed since the best weights were "
                 "kept (a param group was added, or requires_grad switched)"
             )
-        with torch.no_grad():
-            for p, x in zip(params, self.params, strict=True):
-                p.copy_(x)
+        self.weights.restore(params)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "loss": self.loss,
-            "step": self.step,
-            "params": None if self.params is None else [x.clone() for x in self.params],
-        }
+        return {"loss": self.loss, "step": self.step, "params": self.weights.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
         self.loss, self.step = float(state["loss"]), state["step"]
-        saved = state["params"]
-        self.params = (
-            None if saved is None else [_like(x, p) for x, p in zip(saved, params, strict=True)]
-        )
-        self._of = tuple(map(id, params))
-
-
-def _like(saved: Tensor, param: Tensor) -> Tensor:
-    """A saved copy on the parameter's device and in its dtype."""
-    return saved.to(device=param.device, dtype=param.dtype).clone()
+        self.weights.load_state_dict(state["params"], params)

@@ -50,7 +50,7 @@ from ._checks import (
 from ._closures import Closures, LossFn
 from ._hyperparameters import LearnedHyperparameters
 from ._learned import Granularity, LearnedValue
-from ._safeguards import BestWeights, DivergenceGuard, warn_divergence
+from ._safeguards import BestWeights, DivergenceGuard, WeightCopy, warn_divergence
 from .hypergradients import (
     METHODS,
     GroupSnapshot,
@@ -224,6 +224,8 @@ class HyperOptimizer(Optimizer):
                 name, value, group["params"], self.granularity_of(name), self.bounds[name], fraction
             )
         self._hyper.groups.append(learned)
+        if self._guard is not None:  # its point to come back to must cover the new group
+            self._guard.good = WeightCopy()
         try:
             self._method.add_group(self._hyper, index)
         except Exception:  # refused whole: neither the group nor its values stay
@@ -409,24 +411,30 @@ class HyperOptimizer(Optimizer):
         return loss
 
     def _watch(self, loss: Any, t: int) -> bool | None:
-        """Give the divergence guard this step's training loss."""
-        if self._guard is None:
+        """Give the divergence guard this step's training loss; at the end of an interval,
+        whether the run diverged (``None`` between checks).  Between checks this only adds the
+        loss to a sum on its device: the weights and the host are touched once an interval."""
+        guard = self._guard
+        if guard is None:
             return None
-        params = self._trainable()
-        self._guard.start(params)
+        if guard.good.tensors is None:  # the first point to come back to (again after
+            guard.good.keep(self._trainable())  # add_param_group): the weights now
+        if not guard.add(loss, t == 0):
+            return None
         maximize = any(group.get("maximize", False) for group in self.param_groups)
-        verdict = self._guard.observe(loss, t == 0, maximize)
-        if verdict is False and self._guard.current_ok:
-            self._guard.healthy(params)  # w_t, whose loss the closure just gave
-        return verdict
+        diverged = guard.check(maximize)
+        if not diverged and guard.current_ok:
+            guard.good.keep(self._trainable())  # w_t, whose loss the closure just gave
+        return diverged
 
     def _back_off(self, t: int) -> None:
         """The guard saw a divergence: restore, restart the state, divide a learned lr."""
         assert self._guard is not None and self.hyper_optimizer is not None
         self._closures.release()
         params = self._trainable()
-        self._guard.start(params)  # a no-op unless the trainable parameters changed
-        self._guard.restore(params)
+        if not self._guard.good.holds(params):  # requires_grad switched since the last check:
+            self._guard.good.keep(params)  # nothing to go back to but where it is
+        self._guard.good.restore(params)
         for p in params:
             self.state.pop(p, None)
         backed_off = False
@@ -467,7 +475,7 @@ class HyperOptimizer(Optimizer):
         """
         if self._best is None:
             raise RuntimeError("restore_best() needs keep_best=True when the optimizer is built")
-        if self._best.params is None:
+        if not self._best.kept:
             raise RuntimeError(
                 "restore_best(): no weights kept yet (no hyper-step has evaluated a finite "
                 "validation loss)"
@@ -479,7 +487,7 @@ class HyperOptimizer(Optimizer):
     def best_validation_loss(self) -> float | None:
         """``keep_best=True``: the lowest validation loss seen at a hyper-step (``None``
         before the first, or without ``keep_best``)."""
-        if self._best is None or self._best.params is None:
+        if self._best is None or not self._best.kept:
             return None
         return self._best.loss
 
