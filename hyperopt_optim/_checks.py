@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, cast
 
 from torch import Tensor
+from torch.optim import Optimizer
 
 from ._learned import GRANULARITIES, Granularity, LearnedValue, to_unconstrained
 from .rules._base import Parametrisation
@@ -39,6 +40,7 @@ __all__ = [
     "check_real",
     "check_saved_shapes",
     "check_schedule_options",
+    "check_state_dict_entries",
     "check_torch_flags",
     "check_training_loss",
     "check_validation_loss",
@@ -413,3 +415,162 @@ def check_saved_group_values(
                     f"the state dict's param group {index} has {name}={value!r}: a learned value "
                     "must be finite and non-negative"
                 )
+
+
+#: torch's own entries of an optimizer's state dict
+STATE_DICT_ENTRIES = ("state", "param_groups")
+#: the entries of a state dict's ``"hyper"`` that every version wrote and that loading reads
+#: (``"resolved_hvp"``, ``"guard"`` and ``"best"`` may be absent: older versions lacked them)
+HYPER_ENTRIES = ("phi", "shown", "counters", "hypergradients", "hyper_optimizer", "method")
+#: the counters in ``hyper["counters"]`` that every version saved (``"divergences"`` came later)
+COUNTER_ENTRIES = ("step", "hyper_steps", "skipped_hyper_steps")
+#: what 0.1.0 kept in forward mode's method state and
+#: :func:`~hyperopt_optim.schedules.upgrade_state_dict` moves into the schedule's
+LEGACY_SCHEDULE_ENTRIES = ("position", "episodes", "loaded_window")
+#: the entries of the divergence guard's and ``keep_best``'s states, when saved
+SAFEGUARD_ENTRIES = {"guard": ("lowest", "scale", "good"), "best": ("loss", "step", "params")}
+
+_NOTHING_LOADED = "Nothing was loaded."
+
+
+def _mapping(where: str, value: object, hint: str = "") -> Mapping[str, object]:
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"load_state_dict: {where} must be a dict, got {type(value).__name__}{hint}. "
+            f"{_NOTHING_LOADED}"
+        )
+    return value
+
+
+def _entries(where: str, saved: Mapping[str, object], names: Iterable[str], hint: str = "") -> None:
+    missing = [name for name in names if name not in saved]
+    if missing:
+        raise ValueError(
+            f"load_state_dict: {where} lacks {', '.join(map(repr, missing))}{hint}; it has "
+            f"{sorted(map(str, saved))}. {_NOTHING_LOADED}"
+        )
+
+
+def _torch_entries(where: str, saved: object, hint: str = "") -> list[Mapping[str, object]]:
+    """torch's entries of an optimizer's state dict; returns its param groups."""
+    saved = _mapping(where, saved)
+    _entries(where, saved, STATE_DICT_ENTRIES, hint)
+    _mapping(f"{where}['state']", saved["state"])
+    groups = saved["param_groups"]
+    if not isinstance(groups, list | tuple) or not all(
+        isinstance(g, Mapping) and isinstance(g.get("params"), list | tuple) for g in groups
+    ):
+        raise TypeError(
+            f"load_state_dict: {where}['param_groups'] must be a list of dicts, each with its "
+            f"'params'. {_NOTHING_LOADED}"
+        )
+    return list(groups)
+
+
+def _per_group(
+    where: str, value: object, learned: list[dict[str, LearnedValue]]
+) -> list[Mapping[str, object]]:
+    """A list with one ``{learned name: ...}`` per param group, naming this optimizer's."""
+    if not isinstance(value, list | tuple):
+        raise TypeError(
+            f"load_state_dict: {where} must be a list with one dict per param group, got "
+            f"{type(value).__name__}. {_NOTHING_LOADED}"
+        )
+    if len(value) != len(learned):
+        raise ValueError(
+            f"load_state_dict: {where} has {len(value)} param groups of learned values, this "
+            f"optimizer {len(learned)}. {_NOTHING_LOADED}"
+        )
+    groups = []
+    for index, (saved, names) in enumerate(zip(value, learned, strict=True)):
+        saved = _mapping(f"{where}[{index}]", saved)
+        if set(saved) != set(names):
+            raise ValueError(
+                f"load_state_dict: {where}[{index}] learns {sorted(map(str, saved))}, this "
+                f"optimizer {sorted(names)}. {_NOTHING_LOADED}"
+            )
+        groups.append(saved)
+    return groups
+
+
+def check_state_dict_entries(
+    state_dict: object,
+    learned: list[dict[str, LearnedValue]],
+    hyper_optimizer: Optimizer | None,
+    trainable: list[Tensor] | None = None,
+) -> None:
+    """Refuse, before anything loads, a state dict that lacks entries that loading reads.
+
+    ``state_dict`` must be a mapping (else ``TypeError``) with torch's ``"state"`` and
+    ``"param_groups"`` (else ``ValueError`` naming the missing one).  Without ``"hyper"`` it is
+    torch's own optimizer's state dict, which loads.  A ``"hyper"`` entry must be a dict
+    holding :data:`HYPER_ENTRIES`, in the layout of this version or of an earlier one (it is
+    checked before :func:`~hyperopt_optim.schedules.upgrade_state_dict`): ``"phi"``,
+    ``"shown"`` and ``"hypergradients"`` with one dict of this optimizer's learned names per
+    param group of ``learned``, the counters, the method's dict, and the hyper-optimizer's
+    state dict with ``hyper_optimizer``'s group sizes (torch would refuse other sizes only
+    after the rest had loaded).  The divergence guard's and ``keep_best``'s weights, when
+    saved, must hold one tensor per parameter of ``trainable``.  The values themselves are
+    :func:`check_saved_shapes`' and :func:`check_saved_values`' part; the method's own state,
+    the method's (``check_state_dict``).
+    """
+    where = "the state dict"
+    state_dict = _mapping(where, state_dict)
+    _torch_entries(where, state_dict, " (torch's part of every optimizer's state dict): is it one?")
+    if "hyper" not in state_dict:
+        return
+    hyper = _mapping(
+        "the state dict's 'hyper' entry",
+        state_dict["hyper"],
+        " (a torch optimizer's state dict has no 'hyper' entry at all)",
+    )
+    _entries(
+        "the state dict's 'hyper' entry",
+        hyper,
+        HYPER_ENTRIES,
+        " (the learned values and the state that learns them, which this optimizer saves)",
+    )
+    where = "the state dict's 'hyper'"
+    for index, values in enumerate(_per_group(f"{where}['phi']", hyper["phi"], learned)):
+        for name, xs in values.items():
+            if not isinstance(xs, list | tuple) or not all(isinstance(x, Tensor) for x in xs):
+                raise TypeError(
+                    f"load_state_dict: the state dict's learned {name!r} of param group {index} "
+                    f"must be a list of tensors. {_NOTHING_LOADED}"
+                )
+    # another granularity's values: said as such, before the hyper-optimizer's sizes differ too
+    check_saved_shapes(learned, cast(list[dict[str, list[Tensor]]], hyper["phi"]))
+    for index, shown in enumerate(_per_group(f"{where}['shown']", hyper["shown"], learned)):
+        for name, value in shown.items():
+            check_real(f"{where}['shown'][{index}][{name!r}]", value, "load_state_dict: ")
+    _per_group(f"{where}['hypergradients']", hyper["hypergradients"], learned)
+    counters = _mapping(f"{where}['counters']", hyper["counters"])
+    _entries(f"{where}['counters']", counters, COUNTER_ENTRIES)
+    method = _mapping(f"{where}['method']", hyper["method"])
+    if "schedules" in hyper:  # 0.1.0's layout of forward mode's state
+        _entries(f"{where}['method'] (0.1.0's layout)", method, LEGACY_SCHEDULE_ENTRIES)
+    saved_groups = _torch_entries(f"{where}['hyper_optimizer']", hyper["hyper_optimizer"])
+    if hyper_optimizer is not None:
+        sizes = [len(g["params"]) for g in hyper_optimizer.param_groups]
+        saved_sizes = [len(cast(list[object], g["params"])) for g in saved_groups]
+        if saved_sizes != sizes:
+            raise ValueError(
+                f"load_state_dict: {where}['hyper_optimizer'] has param groups of {saved_sizes} "
+                f"tensors, this optimizer's hyper-optimizer {sizes}: was it saved over other "
+                f"parameters or learned values? {_NOTHING_LOADED}"
+            )
+    for key, names in SAFEGUARD_ENTRIES.items():
+        if hyper.get(key) is None:
+            continue
+        saved = _mapping(f"{where}[{key!r}]", hyper[key])
+        _entries(f"{where}[{key!r}]", saved, names)
+        weights = saved[names[-1]]
+        if weights is None or trainable is None:
+            continue
+        if not isinstance(weights, list | tuple) or len(weights) != len(trainable):
+            count = len(weights) if isinstance(weights, list | tuple) else type(weights).__name__
+            raise ValueError(
+                f"load_state_dict: {where}[{key!r}] holds weights of {count} tensors, this "
+                f"optimizer trains {len(trainable)} (were they kept before a param group was "
+                f"added, or requires_grad switched?). {_NOTHING_LOADED}"
+            )

@@ -11,6 +11,7 @@ pure function of the parameters, for exact batched products by ``torch.func``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, cast
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_training_loss, check_validation_loss
+from ._distributed import Replicas
 from .hypergradients._base import Closure, GroupSnapshot
 from .hypergradients.hvp import (
     AutogradHVP,
@@ -52,21 +54,34 @@ def validation_gradient(
     params: list[Tensor],
     skip: Callable[[str], None],
     seen: Callable[[float], None] | None = None,
+    *,
+    replicas: Replicas | None = None,
+    scale: float | None = None,
 ) -> list[Tensor] | None:
     """``∇_w L_V`` for ``params``; ``None`` after ``skip(why)`` when the loss is not finite.
     A parameter that does not require a gradient (frozen) gets zeros; ``seen`` is given the
-    finite loss."""
+    finite loss.
+
+    Args:
+        replicas: data-parallel ranks: the loss and the gradient are their averages (a
+            non-finite loss on any rank skips on every rank).
+        scale: a gradient scaler's scale: the loss is multiplied by it before it is
+            differentiated and the gradient divided by it after (exact for a power of two), so
+            that half-precision intermediates keep their range.
+    """
     variable = [p for p in params if p.requires_grad]
     with torch.enable_grad():
         value = check_validation_loss(val_closure())
-        number = float(value.detach())
+        shared = value.detach() if replicas is None else replicas.mean_loss(value)
+        number = float(shared)
         if not math.isfinite(number):
             skip(f"the validation loss is {number}")
             return None
         if seen is not None:
             seen(number)
         try:
-            grads = dict(zip(map(id, variable), grad(value, variable), strict=True))
+            scaled = value if scale is None else value * scale
+            grads = dict(zip(map(id, variable), grad(scaled, variable), strict=True))
         except RuntimeError as err:
             if "second time" not in str(err):
                 raise
@@ -76,7 +91,17 @@ def validation_gradient(
                 "already freed its graph (torch: 'Trying to backward through the graph a second "
                 "time')"
             ) from err
-    return [torch.zeros_like(p) if (g := grads.get(id(p))) is None else g for p in params]
+    out = [torch.zeros_like(p) if (g := grads.get(id(p))) is None else g for p in params]
+    return _shared(out, replicas, scale)
+
+
+def _shared(grads: list[Tensor], replicas: Replicas | None, scale: float | None) -> list[Tensor]:
+    """Gradients the optimizer took itself, unscaled and averaged over the ranks."""
+    if scale is not None and grads:
+        grads = list(torch._foreach_div(grads, scale))
+    if replicas is not None:
+        replicas.mean_(grads)
+    return grads
 
 
 class StepProducts:
@@ -112,9 +137,20 @@ class Closures:
         hvp: the provider the user asked for (``"auto"`` resolves per closure).
     """
 
-    def __init__(self, hvp: str) -> None:
+    def __init__(self, hvp: str, replicas: Replicas | None = None) -> None:
         self.hvp = hvp
         self.resolved: str | None = None if hvp == "auto" else hvp
+        #: data-parallel ranks to average what the optimizer takes itself over
+        self.replicas = replicas
+        #: this step's gradient-scaler scale (``None``: no scaler): a closure's ``backward()``
+        #: leaves gradients of the scaled loss, and the optimizer scales the losses it
+        #: differentiates itself the same way
+        self.scale: float | None = None
+        #: the gradient scaler itself (it scales the training losses the optimizer
+        #: differentiates, initialising its scale on their device)
+        self.scaler: Any = None
+        #: the model cannot be differentiated twice (torch.compile): no exact products
+        self.no_double_backward = False
         self._count = [0]
         self._handles: list[Any] = []
         self._graph: dict[int, Tensor] | None = None
@@ -154,15 +190,18 @@ class Closures:
         if loss_fn is not None:
             with torch.enable_grad():
                 loss = check_training_loss(loss_fn(trainable))
-                grads = grad(loss, trainable)
-            for p, g in zip(trainable, grads, strict=True):
-                p.grad = None if g is None else g.detach()  # unused: skipped, as torch does
+                grads = grad(self._scaled(loss), trainable)
+            self._set_gradients(trainable, grads)  # unused: skipped, as torch does
             if exact:
                 self._functional = (FunctionalHVP(loss_fn, trainable), trainable)
             return loss
-        if closure is None:
+        if closure is None:  # the gradients are in .grad already: DDP must have averaged them
+            if self.replicas is not None:
+                self.replicas.check_gradients([p.grad for p in trainable if p.grad is not None])
             return None
-        graph_wanted = exact and self.resolved in (None, *EXACT_HVPS)
+        graph_wanted = (
+            exact and not self.no_double_backward and self.resolved in (None, *EXACT_HVPS)
+        )
         before = self._count[0]
         saves = clone_parameter_saves(trainable) if graph_wanted else nullcontext()
         with torch.enable_grad(), saves:
@@ -175,25 +214,79 @@ class Closures:
                     )
                 if self.hvp == "auto":  # decided by the closure in hand, step by step
                     self.resolved = "finite_difference"
+                if self.replicas is not None:  # DDP's backward() must have averaged them
+                    self.replicas.check_gradients([p.grad for p in trainable if p.grad is not None])
                 return loss
-            grads = grad(check_training_loss(loss), trainable, create_graph=graph_wanted)
-        for p, g in zip(trainable, grads, strict=True):
-            p.grad = None if g is None else g.detach()
+            scaled = self._scaled(check_training_loss(loss))
+            try:
+                grads = grad(scaled, trainable, create_graph=graph_wanted)
+            except RuntimeError as err:
+                if not (graph_wanted and _no_double_backward(err)):
+                    raise
+                self.fall_back(err)
+                return self.run(closure, loss_fn, trainable, exact)  # again, without a graph
+        self._set_gradients(trainable, grads)
         if self.hvp == "auto":
-            self.resolved = "autograd"
+            self.resolved = "finite_difference" if self.no_double_backward else "autograd"
         if graph_wanted:
             self._graph = {id(p): g for p, g in zip(trainable, grads, strict=True) if g is not None}
         return loss
 
+    def fall_back(self, err: RuntimeError) -> None:
+        """The model cannot be differentiated twice (a ``torch.compile``-d model): with
+        ``hvp="auto"``, warn once and take central differences from now on; with an exact
+        provider asked for by name, say what to use instead."""
+        if self.hvp != "auto":
+            raise RuntimeError(
+                f"hvp={self.hvp!r} takes exact Hessian-vector products by double backward, "
+                "which this model does not support (a torch.compile-d model does not); use "
+                "hvp='finite_difference' (or hvp='auto', which falls back to it)"
+            ) from err
+        self.no_double_backward = True
+        self.resolved = "finite_difference"
+        warnings.warn(
+            "the model cannot be differentiated twice (torch.compile does not support double "
+            "backward), so exact Hessian-vector products are impossible: hvp='auto' takes "
+            f"central finite differences from now on (torch: {str(err).splitlines()[0][:160]})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _scaled(self, loss: Tensor) -> Tensor:
+        if self.scaler is None:
+            return loss
+        return cast(Tensor, self.scaler.scale(loss))
+
+    def _set_gradients(self, trainable: list[Tensor], grads: list[Tensor | None]) -> None:
+        """Leave the gradients the optimizer took in ``.grad``, averaged over the ranks (still
+        of the scaled loss, as a closure's ``backward()`` under a gradient scaler leaves them)."""
+        detached = [None if g is None else g.detach() for g in grads]
+        if self.replicas is not None:  # copies: a kept graph holds these very tensors
+            taken = iter(self.replicas.mean([g for g in detached if g is not None]))
+            detached = [None if g is None else next(taken) for g in detached]
+        for p, g in zip(trainable, detached, strict=True):
+            p.grad = g
+
     def gradient(self, closure: Closure, live: list[Tensor]) -> list[Tensor]:
-        """The training gradient of ``live`` at the parameters' current values."""
+        """The training gradient of ``live`` at the parameters' current values (unscaled, and
+        averaged over the ranks)."""
         before = self._count[0]
+        for p in live:  # a closure that does not zero them (gradient accumulation) adds to them
+            p.grad = None  # the step's own gradient is kept elsewhere and put back after
         with torch.enable_grad():
             loss = closure()
-            if self._count[0] != before:
-                return [torch.zeros_like(p) if p.grad is None else p.grad for p in live]
-            grads = grad(check_training_loss(loss), live)
-        return _zeros_for_none(grads, live)
+            if self._count[0] != before:  # averaged by DDP's backward(), if distributed
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in live]
+                return _shared(grads, None, self.scale)
+            grads = _zeros_for_none(grad(self._scaled(check_training_loss(loss)), live), live)
+        return _shared(grads, self.replicas, self.scale)
+
+    def _exact(self, products: StepProducts) -> StepProducts:
+        """Exact products of this rank's (scaled) loss: unscaled and averaged over the ranks."""
+        if self.scale is None and self.replicas is None:
+            return products
+        replicas, scale = self.replicas, self.scale
+        return _Mapped(products, lambda xs: _shared(xs, replicas, scale))
 
     # -- the products ------------------------------------------------------------------------
 
@@ -225,17 +318,31 @@ class Closures:
             # the products own what they need: dropping them frees it (see StepContext.hvp)
             (functional, trainable), self._functional = self._functional, None
             columns = _functional_columns(functional, trainable, live)
-            return StepProducts(lambda: _one_column(columns), columns)
+            return self._exact(StepProducts(lambda: _one_column(columns), columns))
         if self._graph is not None:
             graph, self._graph = self._graph, None
             provider = AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
             batched = provider.batched if self.hvp == "autograd_batched" else None
-            return StepProducts(lambda: provider, batched)
+            exact = self._exact(StepProducts(lambda: provider, batched))
+            if closure is None:
+                return exact
+            return _Fallback(self, exact, self._differences(closure, groups, pick, central=True))
         if closure is None:
             return None
+        central = self.resolved != "forward_difference"
+        return self._differences(closure, groups, pick, central=central)
+
+    def _differences(
+        self,
+        closure: Closure,
+        groups: list[GroupSnapshot],
+        pick: Callable[[list[Tensor]], list[Tensor]],
+        *,
+        central: bool,
+    ) -> StepProducts:
+        live = pick([p for g in groups for p in g.live])
         point = pick([x for g in groups for x in g.params])
         at_point = pick([x for g in groups for x in g.grads])  # the step's own, unclipped
-        central = self.resolved != "forward_difference"
         return StepProducts(
             lambda: FiniteDifferenceHVP(
                 live, point, at_point, lambda: self.gradient(closure, live), central=central
@@ -245,6 +352,53 @@ class Closures:
     def release(self) -> None:
         """Drop the step's graph."""
         self._graph, self._functional = None, None
+
+
+def _no_double_backward(err: RuntimeError) -> bool:
+    """Whether ``err`` is autograd saying the graph cannot be differentiated twice."""
+    text = str(err)
+    return "double backward" in text or "donated buffers" in text
+
+
+class _Fallback(StepProducts):
+    """Exact products, or central differences from the first one that double backward
+    refuses (a compiled model whose first backward with a graph succeeded)."""
+
+    def __init__(self, owner: Closures, exact: StepProducts, differences: StepProducts) -> None:
+        self._owner = owner
+        self._exact: StepProducts | None = exact
+        self._differences = differences
+
+    def _run(self, how: Callable[[StepProducts], list[Tensor]]) -> list[Tensor]:
+        if self._exact is not None:
+            try:
+                return how(self._exact)
+            except RuntimeError as err:
+                if not _no_double_backward(err):
+                    raise
+                self._owner.fall_back(err)
+                self._exact = None
+        return how(self._differences)
+
+    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+        return self._run(lambda products: products(directions))
+
+    def columns(self, directions: list[Tensor]) -> list[Tensor]:
+        return self._run(lambda products: products.columns(directions))
+
+
+class _Mapped(StepProducts):
+    """Products passed through ``after`` (unscaling, averaging over the ranks)."""
+
+    def __init__(self, inner: StepProducts, after: Callable[[list[Tensor]], list[Tensor]]) -> None:
+        self._inner = inner
+        self._after = after
+
+    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+        return self._after(self._inner(directions))
+
+    def columns(self, directions: list[Tensor]) -> list[Tensor]:
+        return self._after(self._inner.columns(directions))
 
 
 class _Scattered(StepProducts):

@@ -20,14 +20,18 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._closures import validation_gradient
-from ._learned import LearnedValue, clone_values
+from ._learned import LearnedValue, clone_values, to_unconstrained
 from .hypergradients._base import Closure, ElementwiseHypergradients, NaturalHypergradients
 from .rules._base import Hyper
 
 if TYPE_CHECKING:
     from .optimizer import HyperOptimizer
 
-__all__ = ["LearnedHyperparameters"]
+__all__ = ["UNDONE", "LearnedHyperparameters"]
+
+UNDONE = 3
+"""Hyper-steps in a row undone by a write on the next step (with a write on every step) after
+which a learned value counts as overridden by an absolute schedule."""
 
 
 class LearnedHyperparameters:
@@ -44,8 +48,21 @@ class LearnedHyperparameters:
         self._opt = cast("HyperOptimizer", weakref.proxy(optimizer))
         self.name = type(optimizer).__name__
         self.groups: list[dict[str, LearnedValue]] = []
-        self.counters = {"step": 0, "hyper_steps": 0, "skipped_hyper_steps": 0, "divergences": 0}
+        self.counters = {
+            "step": 0,
+            "hyper_steps": 0,
+            "skipped_hyper_steps": 0,
+            "divergences": 0,
+            "scaler_skipped_steps": 0,
+            "overridden_hyper_steps": 0,
+        }
         self.last: NaturalHypergradients = []
+        # a scheduler's writes: (group, name) -> the shown value before and after the last
+        # hyper-step that moved it, until the next step; and how many hyper-steps in a row
+        # the next step's write undid, while a write came on every step
+        self._moved: dict[tuple[int, str], tuple[float, float]] = {}
+        self._undone: dict[tuple[int, str], int] = {}
+        self._shift: dict[tuple[int, str], float] = {}  # of the last write, in φ's units
         self.validation_loss: float | None = None  # the last one evaluated in this step
 
     # -- the Host interface ---------------------------------------------------------------------
@@ -91,7 +108,22 @@ class LearnedHyperparameters:
     def validation_gradient(
         self, val_closure: Closure, params: list[Tensor]
     ) -> list[Tensor] | None:
-        return validation_gradient(val_closure, params, self.skip, self._seen)
+        closures = self._opt._closures
+        return validation_gradient(
+            val_closure,
+            params,
+            self.skip,
+            self._seen,
+            replicas=closures.replicas,
+            scale=closures.scale,
+        )
+
+    def shared_validation_loss(self, val_closure: Closure) -> float:
+        """The validation loss, without its gradient (averaged over data-parallel ranks)."""
+        with torch.no_grad():
+            value = val_closure().detach()
+        replicas = self._opt._closures.replicas
+        return float(value if replicas is None else replicas.mean_loss(value))
 
     def _seen(self, value: float) -> None:
         self.validation_loss = value
@@ -123,12 +155,13 @@ class LearnedHyperparameters:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         moved = iter(before)
-        for group, learned in zip(self.param_groups, self.groups, strict=True):
+        for index, (group, learned) in enumerate(zip(self.param_groups, self.groups, strict=True)):
             for lv in learned.values():
                 lv.clip_()
                 changed = [phi != next(moved) for phi in lv.phi]
                 shown = lv.refresh(group["params"], changed)
                 if shown is not None:
+                    self._moved[(index, lv.name)] = (lv.shown, shown)
                     self._write(group, lv, shown)
         self.counters["hyper_steps"] += 1
         return True
@@ -149,15 +182,46 @@ class LearnedHyperparameters:
         return self.step_learned(natural)
 
     def take_external_writes(self) -> set[tuple[int, str]]:
-        """Take up values written into the param groups from outside; returns which."""
+        """Take up values written into the param groups from outside; returns which.
+
+        Also watches whether the writes undo the hyper-steps (:meth:`overridden`).  A scheduler
+        stepped every step writes a value that moves by a smooth shift ``Δ`` (in ``φ``'s
+        units) from step to step.  On the step after a hyper-step moved the value from ``a``
+        to ``b``, a chainable scheduler (StepLR, ExponentialLR, CosineAnnealingLR) writes about
+        ``b + Δ`` — it scales what it finds, so the move stays — and an absolute one
+        (OneCycleLR, CyclicLR, LambdaLR) about ``a + Δ``, its own value, which undoes it; ``Δ``
+        is the shift of the write on the step before.
+        """
         taken = set()
         for index, (group, learned) in enumerate(zip(self.param_groups, self.groups, strict=True)):
             for name, lv in learned.items():
+                key = (index, name)
                 value = self._opt._group_value(group, name)
-                if value != lv.shown:
+                written = value != lv.shown
+                move = self._moved.pop(key, None)
+                if not written:  # a step without a write: nothing overrides every step
+                    self._undone[key] = 0
+                    self._shift[key] = 0.0
+                elif move is not None:
+                    undone = _undoes(value, move, self._shift.get(key, 0.0), lv)
+                    self._undone[key] = self._undone.get(key, 0) + 1 if undone else 0
+                else:
+                    self._shift[key] = _unconstrained(value, lv) - _unconstrained(lv.shown, lv)
+                if written:
                     self._write(group, lv, lv.take_external(value, group["params"]))
-                    taken.add((index, name))
+                    taken.add(key)
         return taken
+
+    def overridden(self) -> list[tuple[int, str]]:
+        """The learned values whose last :data:`UNDONE` hyper-steps a write on the next step
+        undid, written on every step since."""
+        return [key for key, count in self._undone.items() if count >= UNDONE]
+
+    def all_overridden(self) -> bool:
+        """Every learned value is :meth:`overridden`: a hyper-step's result would be thrown
+        away."""
+        keys = [(i, name) for i, learned in enumerate(self.groups) for name in learned]
+        return bool(keys) and all(self._undone.get(key, 0) >= UNDONE for key in keys)
 
     def values(
         self, index: int, indices: list[int], learnable: tuple[str, ...]
@@ -214,8 +278,25 @@ class LearnedHyperparameters:
                 if lv.granularity != "scalar":
                     lv.values = []
                     lv.refresh(group["params"])
-        self.counters = {"divergences": 0, **hyper["counters"]}
+        self.counters = {
+            "divergences": 0,
+            "scaler_skipped_steps": 0,
+            "overridden_hyper_steps": 0,
+            **hyper["counters"],
+        }
         self.last = clone_values(hyper["hypergradients"])
+
+
+def _unconstrained(value: float, lv: LearnedValue) -> float:
+    lo, hi = lv.bounds
+    return to_unconstrained(min(max(value, lo), hi), lv.fraction)
+
+
+def _undoes(value: float, move: tuple[float, float], shift: float, lv: LearnedValue) -> bool:
+    """Whether a write of ``value`` after ``move`` (from ``a`` to ``b``) is nearer ``a + shift``
+    than ``b + shift`` in ``φ``'s units: the writer did not see the move."""
+    u, a, b = (_unconstrained(x, lv) for x in (value, *move))
+    return abs(u - a - shift) < abs(u - b - shift)
 
 
 def _place(

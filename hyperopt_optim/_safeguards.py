@@ -52,6 +52,16 @@ class WeightCopy:
                 self.tensors = [p.detach().clone() for p in params]
                 self._of = tuple(map(id, params))
 
+    def extend(self, params: list[Tensor]) -> None:
+        """Hold ``params``: keep the copy of those already held, copy the others as they are
+        now (a param group was added)."""
+        if self.tensors is None:
+            return
+        held = dict(zip(self._of, self.tensors, strict=True))
+        with torch.no_grad():
+            self.tensors = [held[id(p)] if id(p) in held else p.detach().clone() for p in params]
+        self._of = tuple(map(id, params))
+
     def restore(self, params: list[Tensor]) -> None:
         """Put the copy back into ``params``, which it must hold."""
         assert self.tensors is not None and self.holds(params)

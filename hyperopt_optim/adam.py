@@ -49,7 +49,8 @@ class HyperAdam(HyperOptimizer):
         learn: any of ``"lr"``, ``"beta1"``, ``"beta2"``, ``"eps"``, ``"weight_decay"``
             (default: ``("lr",)``).
         granularity, method, neumann_steps, update_interval, hyper_optimizer, hvp, bounds,
-        horizon, windows, mode, clamps, backtrack, divergence_guard, keep_best:
+        horizon, windows, mode, clamps, backtrack, divergence_guard, keep_best, process_group,
+        grad_scaler:
             as for :class:`~hyperopt_optim.HyperSGD`; the default bounds are lr [1e-8, 10],
             weight decay [1e-10, 10], eps [1e-16, 1], betas [1e-6, 1 - 1e-6].
     """
@@ -89,6 +90,8 @@ class HyperAdam(HyperOptimizer):
         backtrack: bool | None = None,
         divergence_guard: bool | None = None,
         keep_best: bool = False,
+        process_group: Any = None,
+        grad_scaler: Any = None,
     ) -> None:
         flags = {
             "amsgrad": amsgrad,
@@ -134,6 +137,8 @@ class HyperAdam(HyperOptimizer):
             backtrack=backtrack,
             divergence_guard=divergence_guard,
             keep_best=keep_best,
+            process_group=process_group,
+            grad_scaler=grad_scaler,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:
@@ -213,6 +218,8 @@ class HyperAdamW(HyperAdam):
         backtrack: bool | None = None,
         divergence_guard: bool | None = None,
         keep_best: bool = False,
+        process_group: Any = None,
+        grad_scaler: Any = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
@@ -224,4 +231,6 @@ class HyperAdamW(HyperAdam):
             backtrack=backtrack,
             divergence_guard=divergence_guard,
             keep_best=keep_best,
+            process_group=process_group,
+            grad_scaler=grad_scaler,
         )  # fmt: skip

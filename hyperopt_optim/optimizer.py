@@ -26,14 +26,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
+from ._amp import check_grad_scaler, found_inf
 from ._checks import (
     check_bounds,
     check_callable,
@@ -46,16 +50,19 @@ from ._checks import (
     check_saved_group_values,
     check_saved_shapes,
     check_saved_values,
+    check_state_dict_entries,
 )
 from ._closures import Closures, LossFn
+from ._distributed import check_not_sharded, resolve_process_group
 from ._hyperparameters import LearnedHyperparameters
 from ._learned import Granularity, LearnedValue
-from ._safeguards import BestWeights, DivergenceGuard, WeightCopy, warn_divergence
+from ._safeguards import BestWeights, DivergenceGuard, warn_divergence
 from .hypergradients import (
     METHODS,
     GroupSnapshot,
     MethodOptions,
     StepContext,
+    StepPlan,
     build_method,
     methods_where,
 )
@@ -70,7 +77,12 @@ __all__ = [
     "METHODS",
     "HyperOptimizer",
     "HyperOptimizerFactory",
+    "HyperStepHook",
 ]
+
+HyperStepHook = Callable[["HyperOptimizer", list[dict[str, Any]], list[dict[str, Any]]], None]
+"""``hook(optimizer, hyperparameters, hypergradients)``, called after each hyper-step with
+what :meth:`HyperOptimizer.hyperparameters` and :meth:`HyperOptimizer.hypergradients` return."""
 
 DEFAULT_HYPER_LR = 0.05
 """The default hyper-optimizer's step (Adam's lr on the unconstrained values) for ``HyperSGD``,
@@ -89,6 +101,11 @@ def _hvp_providers() -> tuple[str, ...]:
 
 def _schedule_methods() -> str:
     return methods_where(lambda cls: cls.learns_schedules)
+
+
+def _remove_hooks(closures: Closures) -> None:
+    with suppress(Exception):  # at interpreter shutdown torch may be gone already
+        closures.remove_hooks()
 
 
 HVP_PROVIDERS = _hvp_providers()
@@ -130,11 +147,19 @@ class HyperOptimizer(Optimizer):
         backtrack: bool | None = None,
         divergence_guard: bool | None = None,
         keep_best: bool = False,
+        process_group: Any = None,
+        grad_scaler: Any = None,
     ) -> None:
         self.learn = check_learn(learn, self.rule.learnable)
         self.granularity = check_granularity(granularity, self.learn)
         self.method = check_choice("method", method, tuple(METHODS))
-        self._closures = Closures(check_choice("hvp", hvp, _hvp_providers()))
+        self._replicas = resolve_process_group(process_group)
+        self.grad_scaler = check_grad_scaler(grad_scaler)
+        self._closures = Closures(check_choice("hvp", hvp, _hvp_providers()), self._replicas)
+        # the hooks that tell whether a closure called backward() live on the parameters: they
+        # go with this optimizer (a finalizer, not __del__, which a wrapper class that copies
+        # this class's methods, as Lightning's LightningOptimizer does, would run too)
+        weakref.finalize(self, _remove_hooks, self._closures)
         extra: dict[str, object] = {
             "horizon": horizon,
             "windows": windows,
@@ -162,6 +187,8 @@ class HyperOptimizer(Optimizer):
         self._hyper = LearnedHyperparameters(self)
         self._validation_closure: Closure | None = None
         self._warned_no_closure = False
+        self._warned_overridden: set[tuple[int, str]] = set()
+        self._hyper_step_hooks: OrderedDict[int, HyperStepHook] = OrderedDict()
         self.hyper_optimizer: Optimizer | None = None
         super().__init__(params, defaults)
         factory = hyper_optimizer
@@ -212,6 +239,7 @@ class HyperOptimizer(Optimizer):
         for p in group["params"]:
             if p.is_complex():
                 raise TypeError(f"{type(self).__name__} does not support complex parameters")
+            check_not_sharded(p, type(self).__name__)
             if p.requires_grad:
                 self._closures.watch(p)
         self._check_group(group, index)
@@ -224,8 +252,10 @@ class HyperOptimizer(Optimizer):
                 name, value, group["params"], self.granularity_of(name), self.bounds[name], fraction
             )
         self._hyper.groups.append(learned)
-        if self._guard is not None:  # its point to come back to must cover the new group
-            self._guard.good = WeightCopy()
+        if self._guard is not None:  # its point to come back to covers the new group too (the
+            self._guard.good.extend(self._trainable())  # others keep their healthy copy)
+        if self._best is not None:  # a loss seen without the new group is no longer comparable
+            self._best = BestWeights()
         try:
             self._method.add_group(self._hyper, index)
         except Exception:  # refused whole: neither the group nor its values stay
@@ -259,6 +289,31 @@ class HyperOptimizer(Optimizer):
         """
         check_callable("val_closure", val_closure)
         self._validation_closure = val_closure
+
+    def register_hyper_step_hook(self, hook: HyperStepHook) -> RemovableHandle:
+        """Call ``hook(optimizer, hyperparameters, hypergradients)`` after every hyper-step
+        that moved the learned values (a skipped one, counted in :attr:`hyper_state`, does
+        not call it), e.g. to log them.
+
+        ``hyperparameters`` and ``hypergradients`` are what :meth:`hyperparameters` and
+        :meth:`hypergradients` return at that moment (copies: the hook may keep them);
+        ``optimizer.hyper_state["step"]`` is the step count.  For ``method="forward"`` the
+        hook runs after each stepped schedule.
+
+        Returns:
+            a handle whose ``remove()`` unregisters the hook, as torch's hooks do.
+        """
+        check_callable("hook", hook)
+        handle = RemovableHandle(self._hyper_step_hooks)
+        self._hyper_step_hooks[handle.id] = hook
+        return handle
+
+    def _call_hyper_step_hooks(self) -> None:
+        if not self._hyper_step_hooks:
+            return
+        values, grads = self.hyperparameters(), self.hypergradients()
+        for hook in list(self._hyper_step_hooks.values()):
+            hook(self, values, grads)
 
     def granularity_of(self, name: str) -> Granularity:
         """The granularity of the learned hyperparameter ``name``."""
@@ -367,12 +422,27 @@ class HyperOptimizer(Optimizer):
         """
         val_closure = self._check_step(closure, val_closure, loss_fn)
         t = self._hyper.counters["step"]
+        hyper_steps = self._hyper.counters["hyper_steps"]
         plan = self._method.plan(t)
         if plan.products and closure is None and loss_fn is None:
             self._warn_no_closure()
             plan = dataclasses.replace(plan, products=0)
         self._method.begin_step(self._hyper, self._hyper.take_external_writes())
+        if plan.snapshot and self._overridden():  # its result would be thrown away
+            plan = StepPlan()
+            self._hyper.counters["overridden_hyper_steps"] += 1
+        if self._replicas is not None:
+            self._replicas.check_weights(self._trainable(), t)
+        scaler = self.grad_scaler
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None
+        self._closures.scale = None if scaler is None else float(scaler.get_scale())
+        self._closures.scaler = scaler
         loss = self._closures.run(closure, loss_fn, self._trainable(), plan.products > 0)
+        if scaler is not None and self._unscale(scaler):
+            self._closures.release()  # an inf or NaN gradient: the step is skipped, as torch's
+            self._hyper.counters["scaler_skipped_steps"] += 1  # scaler.step(opt) would
+            return loss
         diverged = self._watch(loss, t)
         if diverged:
             self._back_off(t)
@@ -408,7 +478,43 @@ class HyperOptimizer(Optimizer):
                 for g in ctx.groups:
                     for p, grad in zip(g.live, g.grads, strict=True):
                         p.grad = grad
+        if self._hyper.counters["hyper_steps"] != hyper_steps:
+            self._call_hyper_step_hooks()
         return loss
+
+    def _overridden(self) -> bool:
+        """Whether something (an absolute scheduler) overwrites every learned value on every
+        step, undoing each hyper-step: warn once; skip the hyper-steps while it does (not for
+        a method that learns schedules, whose own state follows every step)."""
+        overridden = [key for key in self._hyper.overridden() if key not in self._warned_overridden]
+        if overridden:  # once for each value
+            self._warned_overridden.update(overridden)
+            names = ", ".join(f"{name!r} of param group {i}" for i, name in overridden)
+            warnings.warn(
+                f"{type(self).__name__}: something (a scheduler such as OneCycleLR, CyclicLR or "
+                f"LambdaLR, or cycle_momentum) overwrites the learned {names} on every step, "
+                "undoing each hyper-step; while every learned value is overwritten so, "
+                "hyper-steps are skipped (hyper_state['overridden_hyper_steps'] counts them). "
+                "A chainable scheduler (StepLR, ExponentialLR, CosineAnnealingLR, "
+                "ReduceLROnPlateau) scales the learned value instead; or stop learning it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return not self._method.learns_schedules and self._hyper.all_overridden()
+
+    def _unscale(self, scaler: Any) -> bool:
+        """Unscale the gradients in ``.grad``; whether the scaler found an inf or NaN."""
+        try:
+            scaler.unscale_(self)
+        except RuntimeError as err:
+            if "already been called" not in str(err):
+                raise
+            raise RuntimeError(
+                f"{type(self).__name__}(grad_scaler=...) unscales the gradients itself: call "
+                "opt.step(closure) and then scaler.update(), not scaler.step(opt), and do not "
+                "call scaler.unscale_(opt) in the closure"
+            ) from err
+        return found_inf(scaler, self)
 
     def _watch(self, loss: Any, t: int) -> bool | None:
         """Give the divergence guard this step's training loss; at the end of an interval,
@@ -419,6 +525,8 @@ class HyperOptimizer(Optimizer):
             return None
         if guard.good.tensors is None:  # the first point to come back to (again after
             guard.good.keep(self._trainable())  # add_param_group): the weights now
+        if self._replicas is not None and isinstance(loss, Tensor) and loss.numel() == 1:
+            loss = self._replicas.mean_loss(loss)  # one verdict for every rank
         if not guard.add(loss, t == 0):
             return None
         maximize = any(group.get("maximize", False) for group in self.param_groups)
@@ -531,7 +639,8 @@ class HyperOptimizer(Optimizer):
         warnings.warn(
             f"{type(self).__name__}.step() was called without a training closure, so no "
             "Hessian-vector product can be taken: hyper-steps use neumann_steps=0 "
-            "(greedy) until a closure is passed",
+            "(greedy) until a closure is passed (with a GradScaler: pass it as grad_scaler= "
+            "and call opt.step(closure), then scaler.update(), instead of scaler.step(opt))",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -649,7 +758,13 @@ class HyperOptimizer(Optimizer):
         From torch's (``torch.optim.SGD(...).state_dict()`` for :class:`HyperSGD`), the
         buffers and hyperparameters load and the learned values restart from the loaded
         hyperparameters, as if a scheduler had written them.
+
+        A state dict that lacks an entry loading reads (torch's, or one of ``"hyper"``'s) is
+        refused before anything loads.
         """
+        check_state_dict_entries(
+            state_dict, self._hyper.groups, self.hyper_optimizer, self._trainable()
+        )
         state_dict = dict(state_dict)
         hyper = state_dict.pop("hyper", None)
         if hyper is not None:  # check before anything loads
@@ -675,8 +790,3 @@ class HyperOptimizer(Optimizer):
             self._guard.load_state_dict(hyper["guard"], params)
         if self._best is not None and hyper.get("best") is not None:
             self._best.load_state_dict(hyper["best"], params)
-
-    def __del__(self) -> None:
-        # the hooks that tell whether a closure called backward() live on the parameters
-        with suppress(Exception):  # at interpreter shutdown torch may be gone already
-            self._closures.remove_hooks()

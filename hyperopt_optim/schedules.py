@@ -260,8 +260,7 @@ class Schedules:
         and steps again from there along that episode's hypergradient (a backtracking line
         search; no episode is spent rerunning the best schedule).  Else, if its hypergradient
         is finite, this episode becomes the best and the schedule steps."""
-        with torch.no_grad():
-            loss = float(val_closure().detach())
+        loss = host.shared_validation_loss(val_closure)
         best = self.best_loss
         if math.isfinite(loss) and (best is None or loss < best):
             natural = hypergradients()

@@ -96,6 +96,24 @@ class HyperSGD(HyperOptimizer):
         keep_best: keep one copy of the trainable weights at the lowest validation loss a
             hyper-step evaluated; :meth:`restore_best` puts them back (early stopping for the
             price of one copy; default: False).
+        process_group: data-parallel training: average over these ranks everything that
+            decides the learned values (the gradients and Hessian-vector products the
+            optimizer takes itself, the validation loss and gradient, every skip and guard
+            decision), so that weights and learned values stay bitwise identical on every rank
+            with per-rank training and validation shards.  ``None`` (default): the default
+            group when ``torch.distributed`` is initialised with more than one rank; ``True``:
+            the default group, which must be; ``False``: none (each rank learns on its own);
+            or a ``torch.distributed.ProcessGroup``.  A gradient that the closure's
+            ``backward()`` leaves must be averaged already (wrap the model in
+            ``DistributedDataParallel``); this is checked on the first step, and the weights
+            every 100 steps.  Sharded parameters (FSDP, DTensor) are refused.
+        grad_scaler: a ``torch.amp.GradScaler`` for mixed precision: the closure calls
+            ``scaler.scale(loss).backward()`` (or returns the loss, which the optimizer scales),
+            the optimizer unscales the gradients, skips the whole step when the scaler finds an
+            inf or NaN (``hyper_state["scaler_skipped_steps"]``), scales the losses it
+            differentiates itself the same way and unscales the products; call
+            ``opt.step(closure)`` and then ``scaler.update()``, not ``scaler.step(opt)``
+            (default: None).
 
     Example:
         >>> import torch
@@ -183,6 +201,8 @@ class HyperSGD(HyperOptimizer):
         backtrack: bool | None = None,
         divergence_guard: bool | None = None,
         keep_best: bool = False,
+        process_group: Any = None,
+        grad_scaler: Any = None,
     ) -> None:
         check_torch_flags({"nesterov": nesterov, "maximize": maximize}, foreach)
         if differentiable is not False:
@@ -221,6 +241,8 @@ class HyperSGD(HyperOptimizer):
             backtrack=backtrack,
             divergence_guard=divergence_guard,
             keep_best=keep_best,
+            process_group=process_group,
+            grad_scaler=grad_scaler,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:

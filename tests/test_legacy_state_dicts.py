@@ -49,8 +49,10 @@ def test_a_state_dict_saved_by_0_1_0_loads_and_training_goes_on_as_it_did(
     opt.load_state_dict(record["optimizer"])
     legacy.train(case, net, opt, case.after, case.before)
     outcome = legacy.outcome(net, opt)
-    # a counter added since 0.1.0 (the divergence guard's) starts at zero
+    # counters added since 0.1.0 (the divergence guard's, the gradient scaler's) start at zero
     assert outcome["hyper_state"].pop("divergences") == 0
+    assert outcome["hyper_state"].pop("scaler_skipped_steps") == 0
+    assert outcome["hyper_state"].pop("overridden_hyper_steps") == 0
     _close(outcome, record["expected"], case.name)
 
 

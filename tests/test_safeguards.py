@@ -488,3 +488,57 @@ def test_a_torch_state_dict_with_a_negative_lr_is_refused() -> None:
     with pytest.raises(ValueError, match=r"param group 0 has lr=-1.0"):
         opt.load_state_dict(saved)
     assert opt.param_groups[0]["lr"] == 0.05
+
+
+def _extra_group_run(**kwargs: object) -> tuple[nn.Module, nn.Parameter, HyperSGD, Callable]:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y = x.sum(1, keepdim=True)
+    extra = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = HyperSGD(model.parameters(), lr=0.05, **kwargs)  # type: ignore[arg-type]
+
+    def step(target: Tensor = y) -> None:
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = ((model(x) + extra - target) ** 2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure, val_closure=lambda: ((model(x) + extra - y) ** 2).mean())
+
+    step.target = y  # type: ignore[attr-defined]
+    return model, extra, opt, step
+
+
+def test_a_group_added_while_the_weights_are_non_finite_keeps_the_healthy_point() -> None:
+    """The guard's point to come back to keeps its copy of the groups it had and adds the new
+    one (it once started again from the weights of the next step, non-finite here, and restored
+    them at every check)."""
+    model, extra, opt, step = _extra_group_run()
+    step()  # a healthy point to come back to
+    bad = step.target.clone()  # type: ignore[attr-defined]
+    bad[0, 0] = math.nan
+    step(bad)  # the weights turn NaN, as torch's would
+    assert not bool(torch.isfinite(model.weight).all())
+    opt.add_param_group({"params": [extra]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(20):
+            step()
+    assert opt.hyper_state["divergences"] == 1
+    assert bool(torch.isfinite(model.weight).all())
+
+
+def test_keep_best_starts_again_when_a_group_is_added_and_its_state_dict_loads() -> None:
+    model, extra, opt, step = _extra_group_run(update_interval=1, keep_best=True)
+    step()
+    assert opt.best_step == 1
+    opt.add_param_group({"params": [extra]})
+    assert opt.best_validation_loss is None  # a loss without the new group: not comparable
+    saved = opt.state_dict()
+    fresh = HyperSGD(model.parameters(), lr=0.05, update_interval=1, keep_best=True)
+    fresh.add_param_group({"params": [extra]})
+    fresh.load_state_dict(saved)
+    step()
+    assert opt.best_step == 2

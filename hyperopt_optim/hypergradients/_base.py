@@ -218,6 +218,9 @@ class Host(Protocol):
     ) -> list[Tensor] | None:
         """``∇_w L_V`` for ``params``; ``None`` (skipped) when the loss is not finite."""
 
+    def shared_validation_loss(self, val_closure: Closure) -> float:
+        """The validation loss (the same number on every data-parallel rank)."""
+
 
 @dataclass(frozen=True)
 class MethodOptions:
