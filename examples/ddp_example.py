@@ -113,6 +113,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             )
             if not result["identical"]:
                 raise SystemExit("the replicas differ")
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             result = train(rank, world, args)
             if rank == 0:
                 print(result)
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return

@@ -567,10 +567,8 @@ def check_state_dict_entries(
         weights = saved[names[-1]]
         if weights is None or trainable is None:
             continue
-        if not isinstance(weights, list | tuple) or len(weights) != len(trainable):
-            count = len(weights) if isinstance(weights, list | tuple) else type(weights).__name__
-            raise ValueError(
-                f"load_state_dict: {where}[{key!r}] holds weights of {count} tensors, this "
-                f"optimizer trains {len(trainable)} (were they kept before a param group was "
-                f"added, or requires_grad switched?). {_NOTHING_LOADED}"
+        if not isinstance(weights, list | tuple) or not all(isinstance(x, Tensor) for x in weights):
+            raise TypeError(
+                f"load_state_dict: {where}[{key!r}] must hold a list of tensors, got "
+                f"{type(weights).__name__}. {_NOTHING_LOADED}"
             )

@@ -142,13 +142,11 @@ class Closures:
         self.resolved: str | None = None if hvp == "auto" else hvp
         #: data-parallel ranks to average what the optimizer takes itself over
         self.replicas = replicas
-        #: this step's gradient-scaler scale (``None``: no scaler): a closure's ``backward()``
-        #: leaves gradients of the scaled loss, and the optimizer scales the losses it
-        #: differentiates itself the same way
-        self.scale: float | None = None
-        #: the gradient scaler itself (it scales the training losses the optimizer
-        #: differentiates, initialising its scale on their device)
+        #: the gradient scaler of this step (``None``: none): a closure's ``backward()`` leaves
+        #: gradients of the scaled loss, and the optimizer scales the losses it differentiates
+        #: itself the same way (the scaler's ``scale`` initialises its factor on their device)
         self.scaler: Any = None
+        self._scale: float | None = None
         #: the model cannot be differentiated twice (torch.compile): no exact products
         self.no_double_backward = False
         self._count = [0]
@@ -239,18 +237,33 @@ class Closures:
         if self.hvp != "auto":
             raise RuntimeError(
                 f"hvp={self.hvp!r} takes exact Hessian-vector products by double backward, "
-                "which this model does not support (a torch.compile-d model does not); use "
+                "which this model does not support (a torch.compile-d model, or a function "
+                "marked @once_differentiable, does not); use "
                 "hvp='finite_difference' (or hvp='auto', which falls back to it)"
             ) from err
         self.no_double_backward = True
         self.resolved = "finite_difference"
         warnings.warn(
             "the model cannot be differentiated twice (torch.compile does not support double "
-            "backward), so exact Hessian-vector products are impossible: hvp='auto' takes "
+            "backward, nor does a function marked @once_differentiable), so exact "
+            "Hessian-vector products are impossible: hvp='auto' takes "
             f"central finite differences from now on (torch: {str(err).splitlines()[0][:160]})",
             RuntimeWarning,
             stacklevel=2,
         )
+
+    def use_scaler(self, scaler: Any) -> None:
+        """The gradient scaler of this step (``None``: none)."""
+        self.scaler, self._scale = scaler, None
+
+    @property
+    def scale(self) -> float | None:
+        """The scaler's factor as a float, read (a host sync) only when a hyper-step needs it."""
+        if self.scaler is None:
+            return None
+        if self._scale is None:
+            self._scale = float(self.scaler.get_scale())
+        return self._scale
 
     def _scaled(self, loss: Tensor) -> Tensor:
         if self.scaler is None:
@@ -281,11 +294,13 @@ class Closures:
             grads = _zeros_for_none(grad(self._scaled(check_training_loss(loss)), live), live)
         return _shared(grads, self.replicas, self.scale)
 
-    def _exact(self, products: StepProducts) -> StepProducts:
-        """Exact products of this rank's (scaled) loss: unscaled and averaged over the ranks."""
-        if self.scale is None and self.replicas is None:
+    def _exact(self, products: StepProducts, *, scaled: bool = True) -> StepProducts:
+        """Exact products of this rank's loss (``scaled``: of the scaled loss): unscaled and
+        averaged over the ranks."""
+        scale = self.scale if scaled else None
+        if scale is None and self.replicas is None:
             return products
-        replicas, scale = self.replicas, self.scale
+        replicas = self.replicas
         return _Mapped(products, lambda xs: _shared(xs, replicas, scale))
 
     # -- the products ------------------------------------------------------------------------
@@ -318,7 +333,8 @@ class Closures:
             # the products own what they need: dropping them frees it (see StepContext.hvp)
             (functional, trainable), self._functional = self._functional, None
             columns = _functional_columns(functional, trainable, live)
-            return self._exact(StepProducts(lambda: _one_column(columns), columns))
+            # loss_fn itself is not scaled: its products are averaged, not unscaled
+            return self._exact(StepProducts(lambda: _one_column(columns), columns), scaled=False)
         if self._graph is not None:
             graph, self._graph = self._graph, None
             provider = AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
@@ -354,10 +370,16 @@ class Closures:
         self._graph, self._functional = None, None
 
 
+#: what autograd says when a graph cannot be differentiated twice: AOTAutograd (torch.compile),
+#: with and without donated buffers; ``@once_differentiable`` functions, when torch notices (a
+#: function whose saved inputs are the only path to a parameter gives a zero product silently)
+_NO_DOUBLE_BACKWARD = ("double backward", "donated buffers", "differentiate twice")
+
+
 def _no_double_backward(err: RuntimeError) -> bool:
     """Whether ``err`` is autograd saying the graph cannot be differentiated twice."""
     text = str(err)
-    return "double backward" in text or "donated buffers" in text
+    return any(words in text for words in _NO_DOUBLE_BACKWARD)
 
 
 class _Fallback(StepProducts):

@@ -23,6 +23,7 @@ sharded parameters) stops with an error instead of training on silently.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -140,28 +141,33 @@ class Replicas:
         _distributed().all_reduce(total, group=self.group)
         return (total / self.size).reshape(())
 
-    def check_same(self, tensors: list[Tensor], what: str, fix: str) -> None:
-        """Raise when ``tensors`` differ between the ranks (compared by a checksum)."""
-        if not tensors:
-            return
+    def check_same(self, tensors: list[Tensor], what: str, fix: str) -> bool:
+        """Raise when ``tensors`` differ between the ranks (compared by a checksum); whether
+        they could be compared (``False``: a checksum is not finite, the guard's business).
+        Every rank takes part in the collective, even one with no tensors."""
         with torch.no_grad():
-            total = torch.stack([x.detach().double().sum() for x in tensors]).sum()
+            sums = [x.detach().double().sum().cpu() for x in tensors]
+            total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64)
             both = torch.stack([total, -total]).reshape(2)
+            if tensors:
+                both = both.to(tensors[0].device)
         _distributed().all_reduce(both, op=_distributed().ReduceOp.MAX, group=self.group)
         high, low = float(both[0]), -float(both[1])
-        if high == low or not (high == high and low == low):  # equal, or NaN (the guard's)
-            return
+        if not (math.isfinite(high) and math.isfinite(low)):
+            return False
+        if high == low:
+            return True
         raise RuntimeError(
             f"{what} differ between the ranks of the process group (checksums {low!r} to "
             f"{high!r}), so the replicas would drift apart: {fix}"
         )
 
     def check_gradients(self, grads: list[Tensor]) -> None:
-        """Once: the gradients a closure's ``backward()`` left must be reduced already."""
+        """Once (again while a checksum is not finite): the gradients a closure's ``backward()``
+        left must be averaged already."""
         if self._checked_grads:
             return
-        self._checked_grads = True
-        self.check_same(
+        self._checked_grads = self.check_same(
             grads,
             "the gradients the training closure's backward() left in .grad",
             "wrap the model in torch.nn.parallel.DistributedDataParallel (which averages them "

@@ -62,7 +62,9 @@ class LearnedHyperparameters:
         # the next step's write undid, while a write came on every step
         self._moved: dict[tuple[int, str], tuple[float, float]] = {}
         self._undone: dict[tuple[int, str], int] = {}
-        self._shift: dict[tuple[int, str], float] = {}  # of the last write, in φ's units
+        # the schedule's shifts on the last two steps, in φ's units
+        self._shift: dict[tuple[int, str], tuple[float, float]] = {}
+        self._wrote: set[tuple[int, str]] = set()  # written from outside at least once
         self.validation_loss: float | None = None  # the last one evaluated in this step
 
     # -- the Host interface ---------------------------------------------------------------------
@@ -185,12 +187,15 @@ class LearnedHyperparameters:
         """Take up values written into the param groups from outside; returns which.
 
         Also watches whether the writes undo the hyper-steps (:meth:`overridden`).  A scheduler
-        stepped every step writes a value that moves by a smooth shift ``Δ`` (in ``φ``'s
-        units) from step to step.  On the step after a hyper-step moved the value from ``a``
-        to ``b``, a chainable scheduler (StepLR, ExponentialLR, CosineAnnealingLR) writes about
+        stepped every step writes a value that moves by a shift ``Δ`` (in ``φ``'s units) from
+        one step to the next.  On the step after a hyper-step moved the value from ``a`` to
+        ``b``, a chainable scheduler (StepLR, ExponentialLR, CosineAnnealingLR) writes about
         ``b + Δ`` — it scales what it finds, so the move stays — and an absolute one
-        (OneCycleLR, CyclicLR, LambdaLR) about ``a + Δ``, its own value, which undoes it; ``Δ``
-        is the shift of the write on the step before.
+        (OneCycleLR, CyclicLR, LambdaLR) about ``a + Δ``, its own value, which undoes it.  ``Δ``
+        is the schedule's own shift, extrapolated from the two steps before; it is known only
+        from steps without a hyper-step, so with ``update_interval=1`` nothing is judged.  A
+        write much nearer one of the two (four times) decides; one in between, or a schedule
+        that turns as fast as the move, decides nothing; no write at all means the move stayed.
         """
         taken = set()
         for index, (group, learned) in enumerate(zip(self.param_groups, self.groups, strict=True)):
@@ -198,23 +203,59 @@ class LearnedHyperparameters:
                 key = (index, name)
                 value = self._opt._group_value(group, name)
                 written = value != lv.shown
-                move = self._moved.pop(key, None)
-                if not written:  # a step without a write: nothing overrides every step
-                    self._undone[key] = 0
-                    self._shift[key] = 0.0
-                elif move is not None:
-                    undone = _undoes(value, move, self._shift.get(key, 0.0), lv)
-                    self._undone[key] = self._undone.get(key, 0) + 1 if undone else 0
-                else:
-                    self._shift[key] = _unconstrained(value, lv) - _unconstrained(lv.shown, lv)
+                self._watch_write(key, lv, value if written else None)
                 if written:
                     self._write(group, lv, lv.take_external(value, group["params"]))
                     taken.add(key)
         return taken
 
+    def _watch_write(self, key: tuple[int, str], lv: LearnedValue, value: float | None) -> None:
+        """Judge the write ``value`` (``None``: none) to ``key`` at the start of a step."""
+        move = self._moved.pop(key, None)
+        written = None if value is None else _unconstrained(value, lv)
+        if written is not None:
+            self._wrote.add(key)
+        if move is None:  # no hyper-step just before: the schedule's own shift
+            if written is not None:
+                self._note_shift(key, written - _unconstrained(lv.shown, lv))
+            elif key in self._wrote:  # it wrote before and stands still now
+                self._note_shift(key, 0.0)
+            else:  # nothing written yet: its shift is not known
+                self._shift.pop(key, None)
+            return
+        if written is None:  # the move stayed
+            self._undone[key] = 0
+            self._note_shift(key, 0.0)
+            return
+        a, b = (_unconstrained(x, lv) for x in move)
+        known = self._shift.pop(key, None)
+        if known is None:  # no step without a move told the shift (update_interval=1)
+            return
+        before, last = known
+        shift = 2 * last - before  # the schedule's shift on this step, extrapolated
+        off_a, off_b = abs(written - a - shift), abs(written - b - shift)
+        if abs(last - before) * 2 > abs(b - a):  # the schedule turns as fast as the move:
+            return  # the extrapolation cannot tell them apart
+        if off_a * 4 < off_b:  # undone: the schedule went on from a
+            self._undone[key] = self._undone.get(key, 0) + 1
+            self._note_shift(key, written - a)
+        elif off_b * 4 < off_a:  # kept: the schedule went on from b
+            self._undone[key] = 0
+            self._note_shift(key, written - b)
+
+    def _note_shift(self, key: tuple[int, str], shift: float) -> None:
+        """The schedule's shift on this step (the first one known after an unknown one stands
+        for the one before it too)."""
+        last = self._shift.get(key, (shift, shift))[1]
+        self._shift[key] = (last, shift)
+
+    def reset_watch(self) -> None:
+        """Forget what the writes looked like (a state dict was loaded)."""
+        self._moved, self._undone, self._shift, self._wrote = {}, {}, {}, set()
+
     def overridden(self) -> list[tuple[int, str]]:
-        """The learned values whose last :data:`UNDONE` hyper-steps a write on the next step
-        undid, written on every step since."""
+        """The learned values whose last :data:`UNDONE` judged hyper-steps a write on the next
+        step undid."""
         return [key for key, count in self._undone.items() if count >= UNDONE]
 
     def all_overridden(self) -> bool:
@@ -290,13 +331,6 @@ class LearnedHyperparameters:
 def _unconstrained(value: float, lv: LearnedValue) -> float:
     lo, hi = lv.bounds
     return to_unconstrained(min(max(value, lo), hi), lv.fraction)
-
-
-def _undoes(value: float, move: tuple[float, float], shift: float, lv: LearnedValue) -> bool:
-    """Whether a write of ``value`` after ``move`` (from ``a`` to ``b``) is nearer ``a + shift``
-    than ``b + shift`` in ``φ``'s units: the writer did not see the move."""
-    u, a, b = (_unconstrained(x, lv) for x in (value, *move))
-    return abs(u - a - shift) < abs(u - b - shift)
 
 
 def _place(

@@ -103,10 +103,30 @@ def _schedule_methods() -> str:
     return methods_where(lambda cls: cls.learns_schedules)
 
 
+def _covering(saved: dict[str, Any], key: str, params: list[Tensor], what: str) -> dict[str, Any]:
+    """A saved safeguard state whose copy of the weights covers ``params``; else the state
+    without its copy, with a warning (they were saved before ``requires_grad`` switched)."""
+    weights = saved.get(key)
+    if weights is None or len(weights) == len(params):
+        return saved
+    warnings.warn(
+        f"load_state_dict: the {what}'s copy holds {len(weights)} tensors but {len(params)} "
+        "parameters are trainable now (requires_grad switched since it was saved): it is "
+        "dropped, and a new copy is taken as training goes on",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return {**saved, key: None}
+
+
 def _remove_hooks(closures: Closures) -> None:
     with suppress(Exception):  # at interpreter shutdown torch may be gone already
         closures.remove_hooks()
 
+
+PROBE_AFTER, PROBE_MAX = 2, 64
+"""While an absolute scheduler overwrites every learned value, a hyper-step is taken after
+``PROBE_AFTER`` skipped ones, then after twice as many each time, up to ``PROBE_MAX``."""
 
 HVP_PROVIDERS = _hvp_providers()
 """The product providers of the methods registered when this module was imported."""
@@ -153,9 +173,12 @@ class HyperOptimizer(Optimizer):
         self.learn = check_learn(learn, self.rule.learnable)
         self.granularity = check_granularity(granularity, self.learn)
         self.method = check_choice("method", method, tuple(METHODS))
-        self._replicas = resolve_process_group(process_group)
+        # the default (None) is resolved at the first step: the process group may be
+        # initialised after the optimizer is built
+        self._process_group = process_group
+        replicas = None if process_group is None else resolve_process_group(process_group)
         self.grad_scaler = check_grad_scaler(grad_scaler)
-        self._closures = Closures(check_choice("hvp", hvp, _hvp_providers()), self._replicas)
+        self._closures = Closures(check_choice("hvp", hvp, _hvp_providers()), replicas)
         # the hooks that tell whether a closure called backward() live on the parameters: they
         # go with this optimizer (a finalizer, not __del__, which a wrapper class that copies
         # this class's methods, as Lightning's LightningOptimizer does, would run too)
@@ -188,6 +211,7 @@ class HyperOptimizer(Optimizer):
         self._validation_closure: Closure | None = None
         self._warned_no_closure = False
         self._warned_overridden: set[tuple[int, str]] = set()
+        self._skipped_overridden, self._next_probe = 0, PROBE_AFTER
         self._hyper_step_hooks: OrderedDict[int, HyperStepHook] = OrderedDict()
         self.hyper_optimizer: Optimizer | None = None
         super().__init__(params, defaults)
@@ -236,10 +260,15 @@ class HyperOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
+        try:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError(f"{type(self).__name__} does not support complex parameters")
+                check_not_sharded(p, type(self).__name__)
+        except Exception:  # refused whole: the group does not stay
+            self.param_groups.pop()
+            raise
         for p in group["params"]:
-            if p.is_complex():
-                raise TypeError(f"{type(self).__name__} does not support complex parameters")
-            check_not_sharded(p, type(self).__name__)
             if p.requires_grad:
                 self._closures.watch(p)
         self._check_group(group, index)
@@ -252,16 +281,16 @@ class HyperOptimizer(Optimizer):
                 name, value, group["params"], self.granularity_of(name), self.bounds[name], fraction
             )
         self._hyper.groups.append(learned)
-        if self._guard is not None:  # its point to come back to covers the new group too (the
-            self._guard.good.extend(self._trainable())  # others keep their healthy copy)
-        if self._best is not None:  # a loss seen without the new group is no longer comparable
-            self._best = BestWeights()
         try:
             self._method.add_group(self._hyper, index)
         except Exception:  # refused whole: neither the group nor its values stay
             self._hyper.groups.pop()
             self.param_groups.pop()
             raise
+        if self._guard is not None:  # its point to come back to covers the new group too (the
+            self._guard.good.extend(self._trainable())  # others keep their healthy copy)
+        if self._best is not None:  # a loss seen without the new group is no longer comparable
+            self._best = BestWeights()
         if self.hyper_optimizer is not None:
             self.hyper_optimizer.add_param_group(
                 {"params": self._method.stepped_values(index, learned)}
@@ -428,21 +457,25 @@ class HyperOptimizer(Optimizer):
             self._warn_no_closure()
             plan = dataclasses.replace(plan, products=0)
         self._method.begin_step(self._hyper, self._hyper.take_external_writes())
-        if plan.snapshot and self._overridden():  # its result would be thrown away
+        overridden = plan.snapshot and self._overridden()
+        if overridden:  # its result would be thrown away
             plan = StepPlan()
-            self._hyper.counters["overridden_hyper_steps"] += 1
-        if self._replicas is not None:
-            self._replicas.check_weights(self._trainable(), t)
+        if self._process_group is None:  # the default: the group initialised by now, if any
+            self._closures.replicas = resolve_process_group(None)
+            self._process_group = self._closures.replicas is not None
+        if self._closures.replicas is not None:
+            self._closures.replicas.check_weights(self._trainable(), t)
         scaler = self.grad_scaler
         if scaler is not None and not scaler.is_enabled():
             scaler = None
-        self._closures.scale = None if scaler is None else float(scaler.get_scale())
-        self._closures.scaler = scaler
+        self._closures.use_scaler(scaler)
         loss = self._closures.run(closure, loss_fn, self._trainable(), plan.products > 0)
         if scaler is not None and self._unscale(scaler):
             self._closures.release()  # an inf or NaN gradient: the step is skipped, as torch's
             self._hyper.counters["scaler_skipped_steps"] += 1  # scaler.step(opt) would
             return loss
+        if overridden:
+            self._hyper.counters["overridden_hyper_steps"] += 1
         diverged = self._watch(loss, t)
         if diverged:
             self._back_off(t)
@@ -500,7 +533,17 @@ class HyperOptimizer(Optimizer):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return not self._method.learns_schedules and self._hyper.all_overridden()
+        if self._method.learns_schedules or not self._hyper.all_overridden():
+            self._skipped_overridden, self._next_probe = 0, PROBE_AFTER
+            return False
+        self._skipped_overridden += 1
+        if self._skipped_overridden < self._next_probe:
+            return True
+        # a probe: the hyper-step is taken, to see whether the writes still undo it (they may
+        # have stopped, or a chainable schedule may have looked absolute); the next probe
+        # comes twice as many hyper-steps later, so probes cost a logarithmic share
+        self._skipped_overridden, self._next_probe = 0, min(2 * self._next_probe, PROBE_MAX)
+        return False
 
     def _unscale(self, scaler: Any) -> bool:
         """Unscale the gradients in ``.grad``; whether the scaler found an inf or NaN."""
@@ -525,8 +568,12 @@ class HyperOptimizer(Optimizer):
             return None
         if guard.good.tensors is None:  # the first point to come back to (again after
             guard.good.keep(self._trainable())  # add_param_group): the weights now
-        if self._replicas is not None and isinstance(loss, Tensor) and loss.numel() == 1:
-            loss = self._replicas.mean_loss(loss)  # one verdict for every rank
+        replicas = self._closures.replicas
+        if replicas is not None and isinstance(loss, float | int) and not isinstance(loss, bool):
+            device = next(iter(self._trainable()), torch.empty(0)).device
+            loss = torch.tensor(float(loss), dtype=torch.float64, device=device)
+        if replicas is not None and isinstance(loss, Tensor) and loss.numel() == 1:
+            loss = replicas.mean_loss(loss)  # one verdict for every rank
         if not guard.add(loss, t == 0):
             return None
         maximize = any(group.get("maximize", False) for group in self.param_groups)
@@ -746,6 +793,7 @@ class HyperOptimizer(Optimizer):
             "hyper_optimizer": self.hyper_optimizer.state_dict(),
             "method": self._method.state_dict(),
             "resolved_hvp": self._closures.resolved,
+            "no_double_backward": self._closures.no_double_backward,
             "guard": None if self._guard is None else self._guard.state_dict(),
             "best": None if self._best is None else self._best.state_dict(),
         }
@@ -777,16 +825,24 @@ class HyperOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         if hyper is None:
             self._hyper.take_external_writes()
+            self._hyper.reset_watch()
             self._method.restart(self._hyper.groups)
             return
         self._hyper.load_state_dict(hyper)
+        self._hyper.reset_watch()
+        self._skipped_overridden, self._next_probe = 0, PROBE_AFTER
         assert self.hyper_optimizer is not None
         self.hyper_optimizer.load_state_dict(hyper["hyper_optimizer"])
         self._method.load_state_dict(hyper["method"], [g["params"] for g in self.param_groups])
         if self.hvp == "auto":
             self._closures.resolved = hyper.get("resolved_hvp")
+        self._closures.no_double_backward = bool(hyper.get("no_double_backward", False))
         params = self._trainable()
         if self._guard is not None and hyper.get("guard") is not None:
-            self._guard.load_state_dict(hyper["guard"], params)
+            self._guard.load_state_dict(_covering(hyper["guard"], "good", params, "guard"), params)
         if self._best is not None and hyper.get("best") is not None:
-            self._best.load_state_dict(hyper["best"], params)
+            best = _covering(hyper["best"], "params", params, "keep_best")
+            if best["params"] is None:
+                self._best = BestWeights()  # nothing to compare a new loss with
+            else:
+                self._best.load_state_dict(best, params)

@@ -42,6 +42,10 @@ class Scenario:
     ddp: bool = True
     #: a step at which rank 1's validation loss is NaN
     nan_validation_at: int | None = None
+    #: a step at which the training loss rank 1's closure returns is NaN (its gradient is not)
+    nan_training_at: int | None = None
+    #: the closure returns the loss as a Python float
+    float_loss: bool = False
     #: compared with one process trained on the whole batches
     reference: bool = False
 
@@ -104,6 +108,7 @@ SCENARIOS = [
         closure="loss",
         nan_validation_at=7,
     ),
+    Scenario("guard-float-loss-nan-on-one-rank", kwargs=SGD, nan_training_at=5, float_loss=True),
     Scenario("not-ddp", kwargs=SGD, ddp=False),
     Scenario("not-ddp-no-closure", kwargs=SGD, ddp=False, closure="none"),
     Scenario("sgd-greedy-no-closure", kwargs=SGD, closure="none", reference=True),
@@ -166,12 +171,14 @@ def train(scenario: Scenario, rank: int, world: int) -> dict[str, Any]:
             opt.step(loss_fn=loss_fn)
             continue
 
-        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+        def closure(x: Tensor = x, y: Tensor = y, t: int = t) -> Any:
             loss = cross_entropy(wrapped(x), y)
             if scenario.closure in ("backward", "none"):
                 opt.zero_grad()
                 loss.backward()
-            return loss
+            if t == scenario.nan_training_at and rank == 1:  # the loss it reports, not its
+                loss = loss.detach() * math.nan  # gradient: only rank 1's guard sees it
+            return float(loss) if scenario.float_loss else loss
 
         if scenario.closure == "none":  # torch's usual loop: backward, then step()
             closure()

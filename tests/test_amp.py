@@ -170,3 +170,45 @@ def test_a_disabled_scaler_changes_nothing() -> None:
 
 
 Closure = Callable[[], Tensor]
+
+
+def test_forward_mode_with_loss_fn_and_a_scaler_takes_the_unscaled_steps() -> None:
+    """``loss_fn``'s products differentiate ``loss_fn`` itself, which is not scaled: they must
+    not be divided by the scale (they once were)."""
+    from torch.func import functional_call
+
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        net, batches, (xv, yv) = _setup("cpu")
+        names = [n for n, _ in net.named_parameters()]
+        opt = HyperSGD(
+            net.parameters(),
+            lr=0.1,
+            momentum=0.9,
+            method="forward",
+            horizon=len(batches),
+            windows=4,
+            grad_scaler=scaler,
+        )
+        opt.register_validation_closure(lambda net=net, xv=xv, yv=yv: cross_entropy(net(xv), yv))
+        for x, y in batches:
+
+            def loss_fn(
+                params: list[Tensor],
+                net: nn.Module = net,
+                x: Tensor = x,
+                y: Tensor = y,
+                names: list[str] = names,
+            ) -> Tensor:
+                return cross_entropy(
+                    functional_call(net, dict(zip(names, params, strict=True)), (x,)), y
+                )
+
+            opt.step(loss_fn=loss_fn)
+            if scaler is not None:
+                scaler.update()
+        runs.append((opt.hypergradients()[0]["lr"], [p.detach().clone() for p in net.parameters()]))
+    (h_plain, w_plain), (h_scaled, w_scaled) = runs
+    assert torch.equal(h_plain, h_scaled)
+    for a, b in zip(w_plain, w_scaled, strict=True):
+        assert torch.equal(a, b)

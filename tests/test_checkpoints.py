@@ -173,9 +173,9 @@ MALFORMED: list[tuple[str, Corrupt, type[Exception], str]] = [
         "'lowest'",
     ),
     (
-        "guard_weights_of_other_parameters",
-        lambda s: s["hyper"]["guard"]["good"].pop(),
-        ValueError,
+        "guard_weights_not_tensors",
+        lambda s: s["hyper"]["guard"].__setitem__("good", "weights"),
+        TypeError,
         "'guard'",
     ),
     # already refused before this change; kept here so that every refusal leaves it unchanged

@@ -103,3 +103,50 @@ def test_inductor() -> None:
     assert len(caught) == 1
     assert opt.hyper_state["hyper_steps"] == 2
     _same_as_eager_differences(net, opt, lr=0.1, momentum=0.9)
+
+
+def test_forward_mode_falls_back_at_the_pre_step_point() -> None:
+    """Forward mode's snapshot is the live weights (no copy planned); differences that moved
+    them moved the point too and gave half the product (they once did).  Against eager central
+    differences, the same run."""
+    kwargs: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "horizon": 12, "windows": 3}
+
+    def run(backend: str | None, hvp: str) -> Any:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        model = net if backend is None else torch.compile(net, backend=backend)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        xv, yv = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        opt = HyperSGD(net.parameters(), method="forward", hvp=hvp, **kwargs)
+        opt.register_validation_closure(lambda: cross_entropy(model(xv), yv))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(12):
+                opt.step(lambda: cross_entropy(model(x), y))
+        return opt.hypergradients()[0]["lr"]
+
+    with torch._functorch.config.patch(donated_buffer=False):
+        compiled = run("aot_eager", "auto")
+    eager = run(None, "finite_difference")
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-7)
+
+
+def test_the_fallback_is_part_of_the_state_dict() -> None:
+    """A resumed run does not try double backward again (warning again, computing the step's
+    gradient twice)."""
+    net, opt, caught = _train("aot_eager", backward=False, lr=0.1)
+    assert len(caught) == 1
+    saved = opt.state_dict()
+    assert saved["hyper"]["no_double_backward"] is True
+    fresh = HyperSGD(net.parameters(), lr=0.1, method="ift", update_interval=5)
+    fresh.load_state_dict(saved)
+    model = torch.compile(net, backend="aot_eager")
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    fresh.register_validation_closure(lambda: cross_entropy(model(x), y))
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        for _ in range(10):
+            fresh.step(lambda: cross_entropy(model(x), y))
+    assert [w for w in again if issubclass(w.category, RuntimeWarning)] == []
+    assert fresh.hyper_state["hyper_steps"] == opt.hyper_state["hyper_steps"] + 2

@@ -100,6 +100,15 @@ def test_a_nan_validation_loss_on_one_rank_skips_the_hyper_step_on_both(
     assert first["best"] == second["best"]  # the kept weights were judged on the mean loss
 
 
+def test_the_guard_judges_the_mean_loss_even_when_the_closure_returns_a_float(
+    outcomes: dict[str, list[dict[str, Any]]],
+) -> None:
+    """A NaN loss reported by rank 1 only, as a Python float: both ranks back off together (the
+    float was once judged on each rank alone: rank 1 backed off, rank 0 did not)."""
+    first, second = (_ok(o) for o in outcomes["guard-float-loss-nan-on-one-rank"])
+    assert first["hyper_state"]["divergences"] == second["hyper_state"]["divergences"] == 1
+
+
 def test_gradients_that_backward_did_not_average_are_refused(
     outcomes: dict[str, list[dict[str, Any]]],
 ) -> None:

@@ -542,3 +542,31 @@ def test_keep_best_starts_again_when_a_group_is_added_and_its_state_dict_loads()
     fresh.load_state_dict(saved)
     step()
     assert opt.best_step == 2
+
+
+def test_a_state_dict_saved_before_requires_grad_switched_loads_with_a_warning() -> None:
+    """Gradual unfreezing: the guard's copy covers the parameters trainable when it was saved.
+    The optimizer's own state dict loads; the stale copy is dropped (a new one is taken)."""
+    model, _extra, opt, step = _extra_group_run()
+    model.bias.requires_grad_(False)
+    step()
+    saved = opt.state_dict()
+    model.bias.requires_grad_(True)
+    fresh = HyperSGD(model.parameters(), lr=0.05)
+    with pytest.warns(RuntimeWarning, match="requires_grad switched"):
+        fresh.load_state_dict(saved)
+    assert fresh.hyper_state == opt.hyper_state
+    step()  # and training goes on
+
+
+def test_a_refused_param_group_leaves_the_kept_weights() -> None:
+    flat = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    flat._is_flat_param = True  # type: ignore[attr-defined]  # FSDP's mark
+    _model, _extra, opt, step = _extra_group_run(update_interval=1, keep_best=True)
+    step()
+    kept = opt.best_validation_loss
+    with pytest.raises(TypeError, match="FullyShardedDataParallel"):
+        opt.add_param_group({"params": [flat]})
+    assert len(opt.param_groups) == 1  # nothing of the refused group stays
+    assert opt.best_validation_loss == kept
+    step()

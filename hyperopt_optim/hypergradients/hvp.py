@@ -140,6 +140,12 @@ class FiniteDifferenceHVP:
         self._point_norm = _norm(point)
         with torch.no_grad():  # the weights to put back after each product
             self._current = [p.detach().clone() for p in params]
+        # a point that is the live weights themselves (no copy was planned) would move with
+        # them: differentiate at the copy taken now instead
+        self._point = [
+            c if x.data_ptr() == p.data_ptr() else x
+            for x, p, c in zip(point, params, self._current, strict=True)
+        ]
 
     def __call__(self, directions: list[Tensor]) -> list[Tensor]:
         d_norm = _norm(directions)
