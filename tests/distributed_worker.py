@@ -210,6 +210,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown, where gloo's threads can abort a busy process
 
 
 def by_name() -> dict[str, Scenario]:
