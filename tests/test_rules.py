@@ -163,7 +163,11 @@ def adam_cases(draw: st.DrawFn, granularity: str) -> Case:
         # drawn independently of v', so max(v̄, v') has a tie with probability zero
         state["max_exp_avg_sq"] = [torch.randn(s, generator=gen, dtype=DTYPE).exp() for s in shapes]
     hp = {k: _hyper(k, v, granularity, params, gen) for k, v in values.items()}
-    return Case(AdamRule(), params, grads, state, hp, flags, AdamRule.learnable, granularity)
+    # every name, or the ones a weights-only cotangent takes by Adam's shorter path
+    names = draw(
+        st.sampled_from([AdamRule.learnable, ("lr",), ("lr", "eps"), ("lr", "weight_decay")])
+    )
+    return Case(AdamRule(), params, grads, state, hp, flags, names, granularity)
 
 
 CASES = {"sgd": sgd_cases, "adam": adam_cases}
@@ -296,14 +300,19 @@ def test_state_vjp_matches_autograd_of_reference(
         assert_blocks_close(have, want, f"a·∂U/∂{k}")
 
 
+@pytest.mark.parametrize("state_cotangent", [True, False], ids=["with-state", "weights-only"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("rule", list(CASES))
 @given(data=st.data(), cot_seed=seeds)
 def test_hyper_vjp_matches_autograd_of_reference(
-    rule: str, granularity: str, data: st.DataObject, cot_seed: int
+    rule: str, granularity: str, state_cotangent: bool, data: st.DataObject, cot_seed: int
 ) -> None:
+    """``weights-only``: no cotangent on the state (greedy's case), which Adam's rule takes by
+    a shorter path for lr, eps and AdamW's weight decay."""
     case = data.draw(CASES[rule](granularity))
     cot_params, cot_state = random_cotangents(case, cot_seed)
+    if not state_cotangent:
+        cot_state = {}
     oracle = autograd_oracle(case, cot_params, cot_state)
     params, grads, state = case.clone_inputs()
     got = case.rule.hyper_vjp(

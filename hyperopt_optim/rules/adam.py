@@ -308,6 +308,10 @@ class AdamRule:
         cotangent_state: RuleState,
         names: tuple[str, ...],
     ) -> dict[str, list[Tensor]]:
+        no_state_cotangent = not any(x is not None for xs in cotangent_state.values() for x in xs)
+        direct = {"lr", "eps"} | ({"weight_decay"} if flags["decoupled_weight_decay"] else set())
+        if no_state_cotangent and set(names) <= direct:
+            return _direct_hyper_vjp(params, grads, state, hp, flags, cotangent_params, names)
         parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
         decoupled = bool(flags["decoupled_weight_decay"])
         out: dict[str, list[Tensor]] = {name: [] for name in names}
@@ -337,6 +341,58 @@ class AdamRule:
                     raise ValueError(f"Adam has no learnable hyperparameter {name!r}")
                 out[name].append(val)
         return out
+
+
+def _direct_hyper_vjp(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: RuleState,
+    hp: dict[str, Hyper],
+    flags: dict[str, object],
+    cotangent_params: list[Tensor],
+    names: tuple[str, ...],
+) -> dict[str, list[Tensor]]:
+    """``a·∂U/∂λ`` when the state's cotangent is zero (greedy, the last term of nothing
+    else) and every name acts on the weights only through the step: ``lr`` (``a·∂w'/∂η =
+    −a·m'/(bc1 D)``, AdamW also ``−a·ξ w``), ``eps`` (``a·k``, ``k = η m'/(bc1 D²)``) and
+    AdamW's decoupled weight decay (``−η a·w``).  The same closed forms as
+    :meth:`AdamRule.hyper_vjp`, without the state's cotangents: a third of the element-wise
+    work, and no temporaries for the cotangents that are zero."""
+    decoupled = bool(flags["decoupled_weight_decay"])
+    vmaxs = state[_VMAX] if flags["amsgrad"] else [None] * len(params)
+    out: dict[str, list[Tensor]] = {name: [] for name in names}
+    for i, (w, g, a_w) in enumerate(zip(params, grads, cotangent_params, strict=True)):
+        t = float(present(state[_STEP])[i]) + 1
+        lr, b1, b2, eps, wd = AdamRule._hyper_at(hp, params, i)
+        g = -g if flags["maximize"] else g
+        g_hat = g if decoupled or _zero(wd) else g + wd * w
+        new_m = torch.lerp(present(state[_M])[i], g_hat, 1 - b1)  # as the fast step does
+        if isinstance(b2, float):
+            src = torch.addcmul(present(state[_V])[i] * b2, g_hat, g_hat, value=1 - b2)
+        else:
+            src = b2 * present(state[_V])[i] + (1 - b2) * g_hat * g_hat
+        old_vmax = vmaxs[i]
+        if old_vmax is not None:
+            src = torch.maximum(old_vmax, src)
+        bc1 = 1 - b1**t
+        denom = src.sqrt_().div_((1 - b2**t) ** 0.5).add_(eps)  # D, in src's memory
+        scaled = new_m.mul_(a_w).div_(denom)  # a·m'/D, in new_m's memory
+        for name in names:
+            if name == "lr":
+                val = -scaled / bc1
+                if decoupled and not _zero(wd):
+                    val = val - wd * a_w * w
+            elif name == "eps":
+                val = scaled * (lr / bc1) / denom
+            else:  # decoupled weight decay
+                val = -lr * a_w * w
+            out[name].append(val)
+    return out
+
+
+def _zero(x: Tensor | float) -> bool:
+    """torch's float "off" (an unlearned zero), not a learned value that happens to be 0."""
+    return isinstance(x, float) and x == 0.0
 
 
 def _cot(cotangent_state: RuleState, name: str, i: int, like: Tensor) -> Tensor:
