@@ -104,6 +104,24 @@ class GroupSnapshot:
     hp: dict[str, Hyper]
     flags: dict[str, object]
     names: tuple[str, ...]
+    #: the rule's forward quantities at this point, once a product asked (``linearise``)
+    linear: Any = None
+
+    def state_vjp(self, cotangent_params: list[Tensor], cotangent_state: RuleState) -> Any:
+        """The rule's ``state_vjp`` at this point; a rule that can ``linearise`` does so once,
+        for every term of the series (dropped with the snapshot)."""
+        linearise = getattr(self.rule, "linearise", None)
+        if linearise is None:
+            return self.rule.state_vjp(
+                self.params, self.grads, self.state, self.hp, self.flags,
+                cotangent_params, cotangent_state,
+            )  # fmt: skip
+        if self.linear is None:
+            self.linear = linearise(self.params, self.grads, self.state, self.hp, self.flags)
+        return self.rule.state_vjp(  # type: ignore[call-arg]
+            self.params, self.grads, self.state, self.hp, self.flags,
+            cotangent_params, cotangent_state, linear=self.linear,
+        )  # fmt: skip
 
     def hyper_vjp(
         self, cotangent_params: list[Tensor], cotangent_state: RuleState

@@ -68,10 +68,7 @@ def neumann_hypergradient(
     for _ in range(neumann_steps):
         if hvp is None:
             raise ValueError("neumann_steps > 0 needs Hessian-vector products")
-        parts = [
-            g.rule.state_vjp(g.params, g.grads, g.state, g.hp, g.flags, vp, vs)
-            for g, vp, vs in zip(groups, v_params, v_state, strict=True)
-        ]
+        parts = [g.state_vjp(vp, vs) for g, vp, vs in zip(groups, v_params, v_state, strict=True)]
         products = _split(hvp([r for part in parts for r in part.grads]), sizes)
         v_params = [
             list(torch._foreach_add(part.params, hr))
