@@ -64,15 +64,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    after_cls = overhead.HyperSGD
+    after = (overhead.HyperSGD, overhead.HyperAdam)
     with tempfile.TemporaryDirectory() as tmp:
-        before_cls = load_before(args.before, Path(tmp)).HyperSGD
-        builds = {"before": before_cls, "after": after_cls}
+        package = load_before(args.before, Path(tmp))
+        builds = {"before": (package.HyperSGD, package.HyperAdam), "after": after}
+        baselines = {v.name for v in overhead.VARIANTS if v.method is None}
         variants = [
             v
             for v in overhead.VARIANTS
-            if v is not overhead.BASELINE and (not args.variants or v.name in args.variants)
+            if v.name not in baselines and (not args.variants or v.name in args.variants)
         ]
+        torch_runs = {overhead.baseline(v) for v in variants}
         order = random.Random(0)
         report: dict[str, Any] = {
             "machine": overhead.machine(device),
@@ -85,16 +87,16 @@ def main() -> None:
                 v.name: {"before": [], "after": [], "after/before": []} for v in variants
             }
             for r in range(args.repeats):
-                runs = [(None, None)] + [(v, b) for v in variants for b in builds]
+                runs: list[tuple[Any, str | None]] = [(t, None) for t in torch_runs]
+                runs += [(v, b) for v in variants for b in builds]
                 order.shuffle(runs)
                 here: dict[tuple[str, str], float] = {}
-                for variant, build in runs:
-                    overhead.HyperSGD = builds[build] if build else after_cls
-                    v = variant or overhead.BASELINE
+                for v, build in runs:
+                    overhead.HyperSGD, overhead.HyperAdam = builds[build] if build else after
                     out = overhead.run(v, work, device, args.warmup, args.steps)
                     here[(v.name, build or "torch")] = out["seconds_per_step"]
-                base = here[(overhead.BASELINE.name, "torch")]
                 for v in variants:
+                    base = here[(overhead.baseline(v).name, "torch")]
                     b, a = here[(v.name, "before")], here[(v.name, "after")]
                     ratios[v.name]["before"].append(b / base)
                     ratios[v.name]["after"].append(a / base)
@@ -105,7 +107,7 @@ def main() -> None:
                     for k, xs in d.items()}
                 for v, d in ratios.items()
             }  # fmt: skip
-        overhead.HyperSGD = after_cls
+        overhead.HyperSGD, overhead.HyperAdam = after
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare_builds.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "compare_builds.md").write_text(markdown(report))
@@ -123,15 +125,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"- protocol: {c['repeats']} repeats; each runs torch.optim.SGD and every configuration "
         f"with each build once, shuffled; {c['warmup']} warm-up and {c['steps']} timed steps "
         f"per run, batch {c['batch']} (the workloads and configurations of overhead.py)",
-        "- time ratios: median over repeats [min-max] of time per step / torch.optim.SGD's in "
-        "the same repeat; after/before: median over repeats of the two builds' ratio",
+        "- time ratios: median over repeats [min-max] of time per step / the torch optimizer's "
+        "(SGD; Adam for the rows marked Adam) in the same repeat; after/before: median over "
+        "repeats of the two builds' ratio",
         "",
     ]
     for name, rows in report["models"].items():
         lines += [
             f"## {name}",
             "",
-            "| configuration | before / SGD | after / SGD | after / before |",
+            "| configuration | before / torch | after / torch | after / before |",
             "|---|---:|---:|---:|",
         ]
         for variant, d in rows.items():

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.nn.functional import cross_entropy
 
 import hyperopt_optim
-from hyperopt_optim import HyperSGD
+from hyperopt_optim import HyperAdam, HyperOptimizer, HyperSGD
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEUMANN_STEPS = 4  # K
@@ -63,6 +63,7 @@ UPDATE_INTERVAL = 10  # T
 FORWARD_HORIZON = 60  # forward mode's horizon: the default warm-up and timed steps
 LEARN = ("lr", "momentum", "weight_decay")
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
+ADAM_LR = 1e-3  # HyperAdam against torch.optim.Adam: lr learned (the default), weight decay 1e-4
 BATCH = 128
 
 
@@ -142,6 +143,7 @@ class Variant:
     hvp: str = "auto"
     update_interval: int = UPDATE_INTERVAL
     windows: int | None = None  # method="forward": values per name over FORWARD_HORIZON steps
+    family: str = "sgd"  # "sgd": HyperSGD against torch.optim.SGD; "adam": HyperAdam, Adam
 
     @property
     def neumann_steps(self) -> int:
@@ -153,6 +155,19 @@ class Variant:
         return self.hvp not in ("autograd", "autograd_batched")
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self.family == "adam":
+            if self.method is None:
+                return torch.optim.Adam(model.parameters(), lr=ADAM_LR, weight_decay=WEIGHT_DECAY)
+            return HyperAdam(
+                model.parameters(),
+                lr=ADAM_LR,
+                weight_decay=WEIGHT_DECAY,
+                method=self.method,
+                update_interval=self.update_interval,
+                hvp=self.hvp,
+                granularity=self.granularity,
+                neumann_steps=self.neumann_steps,
+            )
         if self.method is None:
             return torch.optim.SGD(
                 model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
@@ -206,7 +221,27 @@ VARIANTS = [
     # steps (warm-up + timed), exact products by double backward, column by column or batched
     Variant("forward, scalar, 5 windows", "forward", hvp="autograd", windows=5),
     Variant("forward, scalar, 5 windows, batched", "forward", hvp="autograd_batched", windows=5),
+    # HyperAdam against torch.optim.Adam, learning the lr (its default)
+    ADAM_BASELINE := Variant("torch.optim.Adam", family="adam"),
+    Variant("Adam: greedy, scalar", "greedy", family="adam"),
+    Variant("Adam: greedy, element", "greedy", granularity="element", family="adam"),
+    *(
+        Variant(f"Adam: ift, scalar, {h}", "ift", hvp=h, family="adam")
+        for h in ("autograd", "finite_difference", "forward_difference")
+    ),
+    Variant(
+        "Adam: ift, element, finite_difference",
+        "ift",
+        granularity="element",
+        hvp="finite_difference",
+        family="adam",
+    ),
 ]
+
+
+def baseline(variant: Variant) -> Variant:
+    """The torch optimizer a configuration is measured against."""
+    return ADAM_BASELINE if variant.family == "adam" else BASELINE
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -268,7 +303,7 @@ def run(
     out: dict[str, Any] = {"seconds_per_step": seconds / steps}
     if device.type == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - memory_before
-    if isinstance(opt, HyperSGD):
+    if isinstance(opt, HyperOptimizer):
         out["hyper_state"] = opt.hyper_state
     return out
 
@@ -445,9 +480,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         },
         "models": {},
     }
-    variants = [
-        v for v in VARIANTS if v is BASELINE or not args.variants or v.name in args.variants
-    ]
+    chosen = [v for v in VARIANTS if not args.variants or v.name in args.variants]
+    # every configuration with its torch optimizer
+    variants = [v for v in VARIANTS if v in chosen or any(baseline(c) is v for c in chosen)]
     for name in args.models:
         work = workload(name, device)
         n_params = sum(p.numel() for p in work.model(device).parameters())
@@ -473,7 +508,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     states[variant.name] = out["hyper_state"]
             for variant in variants:
                 times[variant.name].append(here[variant.name])
-                ratios[variant.name].append(here[variant.name] / here[BASELINE.name])
+                ratios[variant.name].append(here[variant.name] / here[baseline(variant).name])
             print(f"  repeat {r + 1}/{args.repeats} done")
         c = floor_costs.summary()
         print(
@@ -491,14 +526,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 if peak is not None:
                     peaks[variant.name].append(peak)
         rows = []
-        base_peak = statistics.median(peaks[BASELINE.name]) if peaks[BASELINE.name] else None
         for variant in variants:
+            base = peaks[baseline(variant).name]
+            base_peak = statistics.median(base) if base else None
             peak = statistics.median(peaks[variant.name]) if peaks[variant.name] else None
             floor = variant.floor(costs)
             ratio = statistics.median(ratios[variant.name])
             rows.append(
                 {
                     "variant": variant.name,
+                    "against": baseline(variant).name,
                     **{k: v for k, v in asdict(variant).items() if k != "name"},
                     "neumann_steps": variant.neumann_steps,
                     "closure": "torch (backward inside)" if variant.torch_closure else "loss only",
@@ -545,7 +582,7 @@ def markdown(results: dict[str, Any]) -> str:
         "64 KiB so freed tensors leave the RSS); one probe per configuration"
     )
     lines = [
-        f"# HyperSGD overhead against torch.optim.SGD ({m['device']})",
+        f"# HyperSGD and HyperAdam overhead against torch.optim.SGD and Adam ({m['device']})",
         "",
         f"- date: {m['date']}",
         f"- machine: {m.get('cpu_model', m['processor'])} (platform.processor(): "
@@ -558,12 +595,15 @@ def markdown(results: dict[str, Any]) -> str:
         *([f"- note: {m['note']}"] if m.get("note") else []),
         f"- protocol: batch {cfg['batch']}, {cfg['warmup']} warm-up steps then {cfg['steps']} "
         f"timed steps per run; {cfg['repeats']} repeats, every configuration once per repeat "
-        "in a shuffled order; time ratio = median over repeats of (time / torch.optim.SGD's "
-        "time in the same repeat), [min-max] over repeats",
+        "in a shuffled order; time ratio = median over repeats of (time / the torch "
+        "optimizer's time in the same repeat: SGD for HyperSGD, Adam for the rows marked "
+        "Adam), [min-max] over repeats",
         f"- HyperSGD: learn {', '.join(cfg['learn'])} from lr={cfg['lr']}, "
         f"momentum={cfg['momentum']}, weight_decay={cfg['weight_decay']}; ift with "
         f"K={cfg['neumann_steps']}, T={cfg['update_interval']}; greedy T="
         f"{cfg['update_interval']}",
+        f"- HyperAdam (rows 'Adam: ...'): learn lr (the default) from lr={ADAM_LR}, "
+        f"weight_decay={cfg['weight_decay']}; the same K and T; memory ratio against Adam's",
         f"- peak memory: {memory}",
         "- floor: 1 + (1 + c·K)/T forward-backward passes per step; c = 1 (forward "
         "differences), 2 (central), measured for autograd (below); greedy: 1 + 1/T; forward "
