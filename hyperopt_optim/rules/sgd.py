@@ -141,18 +141,32 @@ def _hyper_vjp_foreach(
 ) -> dict[str, list[Tensor]]:
     """``a·∂U/∂λ`` element-wise with foreach kernels, every buffer present."""
     mu, wd = hp["momentum"], hp["weight_decay"]
-    cot_new_b, cot_g_hat = _cotangents_foreach(hp, flags, a_w, cotangent_state)
+    # the cotangents through the buffer and the gradient only where a name needs them (lr
+    # needs neither: two parameter-sized temporaries fewer when it is learned alone)
+    cot_new_b: list[Tensor] | None = None
+    cot_g_hat: list[Tensor] = []
+    if "weight_decay" in names or "momentum" in names:
+        cot_new_b, cot_g_hat = _cotangents_foreach(hp, flags, a_w, cotangent_state)
     out: dict[str, list[Tensor]] = {}
     new_b: list[Tensor] | None = None
     if "lr" in names or ("momentum" in names and flags["nesterov"]):
         g = list(torch._foreach_neg(grads)) if flags["maximize"] else grads
         g_hat = list(g) if is_zero(wd) else add_scaled(g, params, wd)
         direction = g_hat
+        # whether ``direction`` is a temporary of this call, which the product may overwrite
+        fresh = bool(flags["maximize"]) or not is_zero(wd)
         if _uses_buffer(hp):
             new_b = list(torch._foreach_mul(bufs, mu))
             add_scaled_(new_b, g_hat, 1 - float(flags["dampening"]))  # type: ignore[arg-type]
-            direction = add_scaled(g_hat, new_b, mu) if flags["nesterov"] else new_b
-        out["lr"] = list(torch._foreach_mul(a_w, direction))
+            if flags["nesterov"]:
+                direction, fresh = add_scaled(g_hat, new_b, mu), True
+            else:  # new_b is needed again only by Nesterov's momentum term
+                direction, fresh = new_b, True
+        if fresh and "lr" in names:
+            torch._foreach_mul_(direction, a_w)
+            out["lr"] = direction
+        else:
+            out["lr"] = list(torch._foreach_mul(a_w, direction))
         torch._foreach_neg_(out["lr"])
     if "weight_decay" in names:
         out["weight_decay"] = list(torch._foreach_mul(cot_g_hat, params))
