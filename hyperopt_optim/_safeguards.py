@@ -162,13 +162,30 @@ class DivergenceGuard:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lowest": self.lowest, "scale": self.scale, "good": self.good.state_dict()}
+        return {
+            "lowest": self.lowest,
+            "scale": self.scale,
+            "good": self.good.state_dict(),
+            # the interval under way, so a resumed run checks where the uninterrupted one would
+            "interval": {
+                "sum": None if self._sum is None else float(self._sum),
+                "last": None if self._last is None else float(self._last),
+                "count": self._count,
+            },
+        }
 
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
         self.lowest = float(state["lowest"])
         self.scale = float(state["scale"])
         self.good.load_state_dict(state["good"], params)
-        self._sum, self._last, self._count = None, None, 0
+        interval = state.get("interval") or {}  # absent before 0.2: a new interval starts
+        self._sum, self._last = (
+            None
+            if interval.get(key) is None
+            else torch.tensor(float(interval[key]), dtype=torch.float64)
+            for key in ("sum", "last")
+        )
+        self._count = int(interval.get("count", 0)) if self._sum is not None else 0
 
 
 def warn_divergence(name: str, step: int, backed_off: bool) -> None:

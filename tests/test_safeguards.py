@@ -570,3 +570,44 @@ def test_a_refused_param_group_leaves_the_kept_weights() -> None:
     assert len(opt.param_groups) == 1  # nothing of the refused group stays
     assert opt.best_validation_loss == kept
     step()
+
+
+def test_a_resumed_run_checks_where_the_uninterrupted_one_does() -> None:
+    """The guard's interval under way is part of the state dict (it once restarted on load, so
+    non-finite weights could last almost two intervals)."""
+
+    def run(resume_at: int | None) -> tuple[list[Tensor], dict[str, int]]:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1).double()
+        x = torch.randn(32, 4, dtype=torch.float64)
+        y = x.sum(1, keepdim=True)
+
+        def make() -> HyperSGD:
+            # too large an lr: the loss explodes within the first intervals
+            return HyperSGD(model.parameters(), lr=1.5, momentum=0.9, update_interval=10)
+
+        opt = make()
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for t in range(30):
+                if t == resume_at:
+                    saved = copy.deepcopy(opt.state_dict())
+                    opt = make()
+                    opt.load_state_dict(saved)
+                opt.step(closure, val_closure=lambda: mse_loss(model(x), y))
+        return [p.detach().clone() for p in model.parameters()], opt.hyper_state
+
+    weights, state = run(None)
+    assert state["divergences"] >= 1
+    for resume_at in (5, 15):
+        resumed, resumed_state = run(resume_at)
+        assert resumed_state == state
+        for a, b in zip(resumed, weights, strict=True):
+            assert torch.equal(a, b)

@@ -20,8 +20,8 @@ non-finite by a non-finite training batch are the one exception the package docu
 step is taken as torch takes it, silently, and the divergence guard, which looks at the training
 loss every ``max(update_interval, 10)`` steps, brings the weights back.  So after such a batch
 the machine checks instead that the guard restores finite weights, with a warning, within its
-interval (counted from the batch, or from a resume: the guard's partial interval is not part of
-the state dict, so a loaded optimizer starts a new one).
+interval, counted from the batch (the interval under way is part of the state dict, so a resume
+does not start a new one).
 
 Two bugs this machine found are fixed and its rules no longer steer around them: a param group
 added while the weights were non-finite made the guard take those weights as its point to come
@@ -119,7 +119,7 @@ class TrainingRun(RuleBasedStateMachine):
         super().__init__()
         self.warned = False  # whether the last rule raised a RuntimeWarning
         self.poisoned = False  # a non-finite training batch left the weights non-finite
-        self.steps_non_finite = 0  # steps since then (or since the last resume)
+        self.steps_non_finite = 0  # steps since then
         self.extras: list[nn.Parameter] = []
 
     # -- set-up --------------------------------------------------------------------------------
@@ -277,8 +277,8 @@ class TrainingRun(RuleBasedStateMachine):
                 fresh.add_param_group({"params": group["params"], "lr": 0.01})
             fresh.load_state_dict(saved)
         self.opt = fresh
-        # the guard's partial interval is not saved: its next check is an interval from here
-        self.steps_non_finite = 0
+        # the guard's interval under way is part of the state dict: its next check comes when
+        # it would have without the resume
         after = self.snapshot()
         assert same(after["optimizer"], before["optimizer"]), "the checkpoint did not round-trip"
         assert same(after["groups"], before["groups"])
