@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .._learned import LearnedValue
-from ..rules._base import Hyper, RuleState, UpdateRule
+from ..rules._base import Hyper, RuleState, UpdateRule, linearise, state_vjp
 
 if TYPE_CHECKING:
     from ..schedules import Schedules
@@ -104,23 +104,21 @@ class GroupSnapshot:
     hp: dict[str, Hyper]
     flags: dict[str, object]
     names: tuple[str, ...]
-    #: the rule's forward quantities at this point, once a product asked (``linearise``)
+    #: what the rule's products read of the step at this point (:func:`linearise`), computed
+    #: at the first product and kept for the others while the snapshot lives
     linear: Any = None
+    linearised: bool = False
 
     def state_vjp(self, cotangent_params: list[Tensor], cotangent_state: RuleState) -> Any:
-        """The rule's ``state_vjp`` at this point; a rule that can ``linearise`` does so once,
-        for every term of the series (dropped with the snapshot)."""
-        linearise = getattr(self.rule, "linearise", None)
-        if linearise is None:
-            return self.rule.state_vjp(
-                self.params, self.grads, self.state, self.hp, self.flags,
-                cotangent_params, cotangent_state,
-            )  # fmt: skip
-        if self.linear is None:
-            self.linear = linearise(self.params, self.grads, self.state, self.hp, self.flags)
-        return self.rule.state_vjp(  # type: ignore[call-arg]
-            self.params, self.grads, self.state, self.hp, self.flags,
-            cotangent_params, cotangent_state, linear=self.linear,
+        """The rule's ``state_vjp`` at this point, every product from one linearisation."""
+        if not self.linearised:
+            self.linear = linearise(
+                self.rule, self.params, self.grads, self.state, self.hp, self.flags
+            )
+            self.linearised = True
+        return state_vjp(
+            self.rule, self.params, self.grads, self.state, self.hp, self.flags,
+            cotangent_params, cotangent_state, self.linear,
         )  # fmt: skip
 
     def hyper_vjp(

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..rules._base import Hyper, RuleState, UpdateRule
+from ..rules._base import Hyper, RuleState, UpdateRule, linearise, state_vjp
 
 __all__ = ["PARAM", "Column", "StepJacobian", "Tangents", "propagate", "step_jacobian"]
 
@@ -77,14 +77,19 @@ def step_jacobian(
     """
     ones = [torch.ones_like(p) for p in params]
     zeros = [torch.zeros_like(p) for p in params]
-    first = rule.state_vjp(params, grads, state, hp, flags, ones, {})
+    linear = linearise(rule, params, grads, state, hp, flags)  # once for every block
+    first = state_vjp(rule, params, grads, state, hp, flags, ones, {}, linear)
     buffers = tuple(first.state)
     outputs = (PARAM, *buffers)
     jac = StepJacobian(outputs, {}, {}, {})
     for o in outputs:
         a_w = ones if o == PARAM else zeros
         a_s: RuleState = {s: list(ones if s == o else zeros) for s in buffers}
-        part = first if o == PARAM else rule.state_vjp(params, grads, state, hp, flags, a_w, a_s)
+        part = (
+            first
+            if o == PARAM
+            else state_vjp(rule, params, grads, state, hp, flags, a_w, a_s, linear)
+        )
         blocks = {PARAM: part.params}
         for s in buffers:
             blocks[s] = [z if x is None else x for x, z in zip(part.state[s], zeros, strict=True)]

@@ -42,8 +42,10 @@ __all__ = [
     "add_scaled_",
     "as_list",
     "is_zero",
+    "linearise",
     "one_minus",
     "present",
+    "state_vjp",
     "sub_scaled_",
 ]
 
@@ -154,6 +156,40 @@ class UpdateRule(Protocol):
     ) -> dict[str, list[Tensor]]:
         """``a·∂U/∂λ`` element-wise, one tensor of each parameter's shape per name."""
         ...
+
+
+def linearise(
+    rule: UpdateRule,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: RuleState,
+    hp: dict[str, Hyper],
+    flags: dict[str, object],
+) -> object | None:
+    """What ``rule.state_vjp`` reads of the step at this point, computed once for several
+    products there, when the rule offers it (an optional ``linearise`` method, as Adam's, whose
+    ``state_vjp`` then takes ``linear=``); ``None`` for a rule that recomputes it each time."""
+    method = getattr(rule, "linearise", None)
+    return None if method is None else method(params, grads, state, hp, flags)
+
+
+def state_vjp(
+    rule: UpdateRule,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: RuleState,
+    hp: dict[str, Hyper],
+    flags: dict[str, object],
+    cotangent_params: list[Tensor],
+    cotangent_state: RuleState,
+    linear: object | None,
+) -> StateCotangent:
+    """``rule.state_vjp``, from :func:`linearise`'s result when there is one."""
+    if linear is None:
+        return rule.state_vjp(params, grads, state, hp, flags, cotangent_params, cotangent_state)
+    return rule.state_vjp(  # type: ignore[call-arg]  # linearise's companion keyword
+        params, grads, state, hp, flags, cotangent_params, cotangent_state, linear=linear
+    )
 
 
 # --- arithmetic on Hyper values -------------------------------------------------------------

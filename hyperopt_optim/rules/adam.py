@@ -52,20 +52,47 @@ _M, _V, _VMAX, _STEP = "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"
 
 
 @dataclass
-class _Backward:
-    """One parameter's forward quantities and cotangents (see the module docstring)."""
+class _Linear:
+    """What :meth:`AdamRule.state_vjp` needs of one parameter's step at a point, kept across
+    the products taken there (the Neumann series' terms, forward mode's Jacobian blocks):
+    ``a·∂m'/∂…`` through the step is ``−a·η/(bc1 D)`` (``step_coef``), ``a·∂v'/∂…`` is
+    ``a·k·∂q/∂v'`` (``second_coef``), and ``ĝ`` enters the cotangent of the gradient as
+    ``2(1−β₂)ĝ`` (``g_hat_2``)."""
 
+    step_coef: Tensor
+    second_coef: Tensor
+    g_hat_2: Tensor
+    to_new: Tensor | None  # AMSGrad: where v' became the maximum
+    b1: Tensor | float
+    b2: Tensor | float
+    lr: Tensor | float
+    wd: Tensor | float
+
+
+@dataclass
+class _Point:
+    """One parameter's step at the point: its :class:`_Linear` part and what the hyper
+    products read besides."""
+
+    linear: _Linear
     g_hat: Tensor
     new_m: Tensor
     bc1: Tensor | float
     denom: Tensor  # D
     q: Tensor
     k: Tensor  # η m' / (bc1 D²)
+    step: float
+
+
+@dataclass
+class _Backward:
+    """One parameter's point and its cotangents (see the module docstring)."""
+
+    point: _Point
     cot_m: Tensor  # c_m
     cot_v: Tensor  # c_v, cotangent of v'
     cot_vmax_old: Tensor | None
     cot_g_hat: Tensor
-    step: float
 
 
 def _forward_one(
@@ -224,6 +251,40 @@ class AdamRule:
             as_list(hp[k], params)[i] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")
         )
 
+    def _point(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        i: int,
+    ) -> _Point:
+        """Parameter ``i``'s step at the point, with what its products read."""
+        t = float(present(state[_STEP])[i]) + 1
+        lr, b1, b2, eps, wd = self._hyper_at(hp, params, i)
+        old_vmax = state[_VMAX][i] if flags["amsgrad"] else None
+        _, g_hat, new_m, new_v, new_vmax, q, bc1, bc2 = _forward_one(
+            params[i], grads[i], present(state[_M])[i], present(state[_V])[i], old_vmax, t,
+            lr, b1, b2, eps, wd, decoupled=bool(flags["decoupled_weight_decay"]),
+            maximize=bool(flags["maximize"]),
+        )  # fmt: skip
+        src = new_v if new_vmax is None else new_vmax
+        denom = q + eps
+        k = lr * new_m / (bc1 * denom * denom)
+        dq_dsrc = torch.where(src > 0, 0.5 / (src * bc2).clamp_min(1e-300).sqrt(), 0.0)
+        linear = _Linear(
+            lr / (bc1 * denom),
+            k * dq_dsrc,
+            2 * (1 - b2) * g_hat,
+            None if old_vmax is None else new_v > old_vmax,
+            b1,
+            b2,
+            lr,
+            wd,
+        )
+        return _Point(linear, g_hat, new_m, bc1, denom, q, k, t)
+
     def _backward(
         self,
         params: list[Tensor],
@@ -234,36 +295,11 @@ class AdamRule:
         cotangent_params: list[Tensor],
         cotangent_state: RuleState,
     ) -> list[_Backward]:
-        amsgrad = bool(flags["amsgrad"])
-        decoupled = bool(flags["decoupled_weight_decay"])
-        vmaxs = state[_VMAX] if amsgrad else [None] * len(params)
         out = []
-        for i, (w, g, a_w) in enumerate(zip(params, grads, cotangent_params, strict=True)):
-            t = float(present(state[_STEP])[i]) + 1
-            lr, b1, b2, eps, wd = self._hyper_at(hp, params, i)
-            _, g_hat, new_m, new_v, new_vmax, q, bc1, bc2 = _forward_one(
-                w, g, present(state[_M])[i], present(state[_V])[i], vmaxs[i], t,
-                lr, b1, b2, eps, wd, decoupled=decoupled, maximize=bool(flags["maximize"]),
-            )  # fmt: skip
-            src = new_v if new_vmax is None else new_vmax
-            denom = q + eps
-            k = lr * new_m / (bc1 * denom * denom)
-            dq_dsrc = torch.where(src > 0, 0.5 / (src * bc2).clamp_min(1e-300).sqrt(), 0.0)
-            cot_m = _cot(cotangent_state, _M, i, a_w) - a_w * lr / (bc1 * denom)
-            cot_src = a_w * k * dq_dsrc
-            cot_vmax_old = None
-            if amsgrad:
-                cot_src = cot_src + _cot(cotangent_state, _VMAX, i, a_w)
-                old_vmax = vmaxs[i]
-                assert old_vmax is not None
-                to_new = new_v > old_vmax
-                cot_vmax_old = torch.where(to_new, 0.0, cot_src)
-                cot_src = torch.where(to_new, cot_src, 0.0)
-            cot_v = _cot(cotangent_state, _V, i, a_w) + cot_src
-            cot_g_hat = (1 - b1) * cot_m + 2 * (1 - b2) * g_hat * cot_v
-            out.append(
-                _Backward(g_hat, new_m, bc1, denom, q, k, cot_m, cot_v, cot_vmax_old, cot_g_hat, t)
-            )
+        for i, a_w in enumerate(cotangent_params):
+            point = self._point(params, grads, state, hp, flags, i)
+            cot = _cotangents(point.linear, a_w, cotangent_state, i)
+            out.append(_Backward(point, *cot))
         return out
 
     def linearise(
@@ -274,32 +310,10 @@ class AdamRule:
         hp: dict[str, Hyper],
         flags: dict[str, object],
     ) -> list[_Linear]:
-        """The forward quantities :meth:`state_vjp` needs at this point, for ``linear=``:
+        """The forward quantities :meth:`state_vjp` reads at this point, for ``linear=``:
         three parameter-sized tensors per parameter, which save recomputing the step (about
-        two thirds of a product's element-wise work) on every term of the series."""
-        out = []
-        amsgrad = bool(flags["amsgrad"])
-        vmaxs = state[_VMAX] if amsgrad else [None] * len(params)
-        for i, (w, g) in enumerate(zip(params, grads, strict=True)):
-            t = float(present(state[_STEP])[i]) + 1
-            lr, b1, b2, eps, wd = self._hyper_at(hp, params, i)
-            _, g_hat, new_m, new_v, new_vmax, q, bc1, bc2 = _forward_one(
-                w, g, present(state[_M])[i], present(state[_V])[i], vmaxs[i], t,
-                lr, b1, b2, eps, wd, decoupled=bool(flags["decoupled_weight_decay"]),
-                maximize=bool(flags["maximize"]),
-            )  # fmt: skip
-            src = new_v if new_vmax is None else new_vmax
-            denom = q + eps
-            k = lr * new_m / (bc1 * denom * denom)
-            dq_dsrc = torch.where(src > 0, 0.5 / (src * bc2).clamp_min(1e-300).sqrt(), 0.0)
-            old_vmax = vmaxs[i]
-            to_new = None if old_vmax is None else new_v > old_vmax
-            out.append(
-                _Linear(
-                    lr / (bc1 * denom), k * dq_dsrc, 2 * (1 - b2) * g_hat, to_new, b1, b2, lr, wd
-                )
-            )
-        return out
+        two thirds of a product's element-wise work) on every product taken there."""
+        return [self._point(params, grads, state, hp, flags, i).linear for i in range(len(params))]
 
     def state_vjp(
         self,
@@ -312,28 +326,29 @@ class AdamRule:
         cotangent_state: RuleState,
         linear: list[_Linear] | None = None,
     ) -> StateCotangent:
-        if linear is not None:
-            return _state_vjp_linear(linear, flags, cotangent_params, cotangent_state)
-        parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
+        if linear is None:
+            linear = self.linearise(params, grads, state, hp, flags)
         decoupled = bool(flags["decoupled_weight_decay"])
         sign = -1.0 if flags["maximize"] else 1.0
         cot_params: list[Tensor] = []
+        cot_grads: list[Tensor] = []
         cot_m: list[Tensor | None] = []
         cot_v: list[Tensor | None] = []
         cot_vmax: list[Tensor | None] = []
-        for i, (a_w, p) in enumerate(zip(cotangent_params, parts, strict=True)):
-            lr, b1, b2, _, wd = self._hyper_at(hp, params, i)
+        for i, (a_w, f) in enumerate(zip(cotangent_params, linear, strict=True)):
+            c_m, c_v, c_vmax_old, c_g_hat = _cotangents(f, a_w, cotangent_state, i)
             if decoupled:
-                cot_params.append(a_w * (1 - lr * wd))
+                cot_params.append(a_w * (1 - f.lr * f.wd))
             else:
-                cot_params.append(a_w + wd * p.cot_g_hat)
-            cot_m.append(b1 * p.cot_m)
-            cot_v.append(b2 * p.cot_v)
-            cot_vmax.append(p.cot_vmax_old)
+                cot_params.append(a_w + f.wd * c_g_hat)
+            cot_m.append(f.b1 * c_m)
+            cot_v.append(f.b2 * c_v)
+            cot_vmax.append(c_vmax_old)
+            cot_grads.append(sign * c_g_hat)
         out_state: RuleState = {_M: cot_m, _V: cot_v}
         if flags["amsgrad"]:
             out_state[_VMAX] = cot_vmax
-        return StateCotangent(cot_params, out_state, [sign * p.cot_g_hat for p in parts])
+        return StateCotangent(cot_params, out_state, cot_grads)
 
     def hyper_vjp(
         self,
@@ -354,8 +369,9 @@ class AdamRule:
         parts = self._backward(params, grads, state, hp, flags, cotangent_params, cotangent_state)
         decoupled = bool(flags["decoupled_weight_decay"])
         out: dict[str, list[Tensor]] = {name: [] for name in names}
-        for i, (w, a_w, p) in enumerate(zip(params, cotangent_params, parts, strict=True)):
+        for i, (w, a_w, part) in enumerate(zip(params, cotangent_params, parts, strict=True)):
             lr, b1, b2, _, wd = self._hyper_at(hp, params, i)
+            p = part.point
             t = p.step
             for name in names:
                 if name == "lr":
@@ -366,14 +382,16 @@ class AdamRule:
                 elif name == "eps":
                     val = a_w * p.k
                 elif name == "weight_decay":
-                    val = -lr * a_w * w if decoupled else p.cot_g_hat * w
+                    val = -lr * a_w * w if decoupled else part.cot_g_hat * w
                 elif name == "beta1":
                     m = present(state[_M])[i]
-                    val = p.cot_m * (m - p.g_hat) - a_w * p.k * p.denom * t * b1 ** (t - 1) / p.bc1
+                    val = (
+                        part.cot_m * (m - p.g_hat) - a_w * p.k * p.denom * t * b1 ** (t - 1) / p.bc1
+                    )
                 elif name == "beta2":
                     v = present(state[_V])[i]
                     bc2 = 1 - b2**t
-                    val = p.cot_v * (v - p.g_hat * p.g_hat) + a_w * p.k * p.q * t * b2 ** (
+                    val = part.cot_v * (v - p.g_hat * p.g_hat) + a_w * p.k * p.q * t * b2 ** (
                         t - 1
                     ) / (2 * bc2)
                 else:
@@ -382,45 +400,21 @@ class AdamRule:
         return out
 
 
-def _state_vjp_linear(
-    linear: list[_Linear],
-    flags: dict[str, object],
-    cotangent_params: list[Tensor],
-    cotangent_state: RuleState,
-) -> StateCotangent:
-    """:meth:`AdamRule.state_vjp` from a :meth:`AdamRule.linearise`-d point: the same closed
-    forms, the forward pass read instead of recomputed."""
-    decoupled = bool(flags["decoupled_weight_decay"])
-    amsgrad = bool(flags["amsgrad"])
-    sign = -1.0 if flags["maximize"] else 1.0
-    cot_params: list[Tensor] = []
-    cot_grads: list[Tensor] = []
-    cot_m: list[Tensor | None] = []
-    cot_v: list[Tensor | None] = []
-    cot_vmax: list[Tensor | None] = []
-    for i, (a_w, f) in enumerate(zip(cotangent_params, linear, strict=True)):
-        c_m = _cot(cotangent_state, _M, i, a_w) - a_w * f.step_coef
-        c_src = a_w * f.second_coef
-        c_vmax_old = None
-        if amsgrad:
-            assert f.to_new is not None
-            c_src = c_src + _cot(cotangent_state, _VMAX, i, a_w)
-            c_vmax_old = torch.where(f.to_new, 0.0, c_src)
-            c_src = torch.where(f.to_new, c_src, 0.0)
-        c_v = _cot(cotangent_state, _V, i, a_w) + c_src
-        c_g_hat = (1 - f.b1) * c_m + f.g_hat_2 * c_v
-        if decoupled:
-            cot_params.append(a_w * (1 - f.lr * f.wd))
-        else:
-            cot_params.append(a_w + f.wd * c_g_hat)
-        cot_m.append(f.b1 * c_m)
-        cot_v.append(f.b2 * c_v)
-        cot_vmax.append(c_vmax_old)
-        cot_grads.append(sign * c_g_hat)
-    out_state: RuleState = {_M: cot_m, _V: cot_v}
-    if amsgrad:
-        out_state[_VMAX] = cot_vmax
-    return StateCotangent(cot_params, out_state, cot_grads)
+def _cotangents(
+    f: _Linear, a_w: Tensor, cotangent_state: RuleState, i: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """``(c_m, c_v, c_v̄, c_ĝ)`` of parameter ``i`` (see the module docstring): the cotangents of
+    ``m'``, ``v'``, AMSGrad's old maximum and ``ĝ``, for a cotangent ``(a_w, a_s)`` on the step's
+    output."""
+    c_m = _cot(cotangent_state, _M, i, a_w) - a_w * f.step_coef
+    c_src = a_w * f.second_coef
+    c_vmax_old = None
+    if f.to_new is not None:  # AMSGrad
+        c_src = c_src + _cot(cotangent_state, _VMAX, i, a_w)
+        c_vmax_old = torch.where(f.to_new, 0.0, c_src)
+        c_src = torch.where(f.to_new, c_src, 0.0)
+    c_v = _cot(cotangent_state, _V, i, a_w) + c_src
+    return c_m, c_v, c_vmax_old, (1 - f.b1) * c_m + f.g_hat_2 * c_v
 
 
 def _direct_hyper_vjp(
@@ -472,23 +466,6 @@ def _direct_hyper_vjp(
 def _zero(x: Tensor | float) -> bool:
     """torch's float "off" (an unlearned zero), not a learned value that happens to be 0."""
     return isinstance(x, float) and x == 0.0
-
-
-@dataclass
-class _Linear:
-    """What :meth:`AdamRule.state_vjp` needs of one parameter's forward pass at a point,
-    kept across the Neumann series' products there: ``a·∂m'/∂…`` through the step is
-    ``−a·η/(bc1 D)`` (``step_coef``), ``a·∂v'/∂…`` is ``a·k·∂q/∂v'`` (``second_coef``), and
-    ``ĝ`` enters the cotangent of the gradient as ``2(1−β₂)ĝ`` (``g_hat_2``)."""
-
-    step_coef: Tensor
-    second_coef: Tensor
-    g_hat_2: Tensor
-    to_new: Tensor | None  # AMSGrad: where v' became the maximum
-    b1: Tensor | float
-    b2: Tensor | float
-    lr: Tensor | float
-    wd: Tensor | float
 
 
 def _cot(cotangent_state: RuleState, name: str, i: int, like: Tensor) -> Tensor:
