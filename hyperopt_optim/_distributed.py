@@ -145,12 +145,12 @@ class Replicas:
         """Raise when ``tensors`` differ between the ranks (compared by a checksum); whether
         they could be compared (``False``: a checksum is not finite, the guard's business).
         Every rank takes part in the collective, even one with no tensors."""
-        with torch.no_grad():
-            sums = [x.detach().double().sum().cpu() for x in tensors]
-            total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64)
-            both = torch.stack([total, -total]).reshape(2)
-            if tensors:
-                both = both.to(tensors[0].device)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        with torch.no_grad():  # summed where the tensors are: one host sync, at the collective
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for x in tensors:
+                total += x.detach().sum(dtype=torch.float64).to(device)
+            both = torch.stack([total, -total])
         _distributed().all_reduce(both, op=_distributed().ReduceOp.MAX, group=self.group)
         high, low = float(both[0]), -float(both[1])
         if not (math.isfinite(high) and math.isfinite(low)):

@@ -20,18 +20,25 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._closures import validation_gradient
-from ._learned import LearnedValue, clone_values, to_unconstrained
+from ._learned import LearnedValue, clone_values
+from ._writes import WriteWatch
 from .hypergradients._base import Closure, ElementwiseHypergradients, NaturalHypergradients
 from .rules._base import Hyper
 
 if TYPE_CHECKING:
     from .optimizer import HyperOptimizer
 
-__all__ = ["UNDONE", "LearnedHyperparameters"]
+__all__ = ["COUNTERS", "LearnedHyperparameters"]
 
-UNDONE = 3
-"""Hyper-steps in a row undone by a write on the next step (with a write on every step) after
-which a learned value counts as overridden by an absolute schedule."""
+COUNTERS = (
+    "step",
+    "hyper_steps",
+    "skipped_hyper_steps",
+    "divergences",
+    "scaler_skipped_steps",
+    "overridden_hyper_steps",
+)
+"""``hyper_state``'s counters (a state dict of an older version lacks the later ones: zero)."""
 
 
 class LearnedHyperparameters:
@@ -48,23 +55,10 @@ class LearnedHyperparameters:
         self._opt = cast("HyperOptimizer", weakref.proxy(optimizer))
         self.name = type(optimizer).__name__
         self.groups: list[dict[str, LearnedValue]] = []
-        self.counters = {
-            "step": 0,
-            "hyper_steps": 0,
-            "skipped_hyper_steps": 0,
-            "divergences": 0,
-            "scaler_skipped_steps": 0,
-            "overridden_hyper_steps": 0,
-        }
+        self.counters = dict.fromkeys(COUNTERS, 0)
         self.last: NaturalHypergradients = []
-        # a scheduler's writes: (group, name) -> the shown value before and after the last
-        # hyper-step that moved it, until the next step; and how many hyper-steps in a row
-        # the next step's write undid, while a write came on every step
-        self._moved: dict[tuple[int, str], tuple[float, float]] = {}
-        self._undone: dict[tuple[int, str], int] = {}
-        # the schedule's shifts on the last two steps, in φ's units
-        self._shift: dict[tuple[int, str], tuple[float, float]] = {}
-        self._wrote: set[tuple[int, str]] = set()  # written from outside at least once
+        #: whether a scheduler's writes undo the hyper-steps
+        self.writes = WriteWatch()
         self.validation_loss: float | None = None  # the last one evaluated in this step
 
     # -- the Host interface ---------------------------------------------------------------------
@@ -163,7 +157,7 @@ class LearnedHyperparameters:
                 changed = [phi != next(moved) for phi in lv.phi]
                 shown = lv.refresh(group["params"], changed)
                 if shown is not None:
-                    self._moved[(index, lv.name)] = (lv.shown, shown)
+                    self.writes.moved((index, lv.name), lv.shown, shown)
                     self._write(group, lv, shown)
         self.counters["hyper_steps"] += 1
         return True
@@ -184,85 +178,23 @@ class LearnedHyperparameters:
         return self.step_learned(natural)
 
     def take_external_writes(self) -> set[tuple[int, str]]:
-        """Take up values written into the param groups from outside; returns which.
-
-        Also watches whether the writes undo the hyper-steps (:meth:`overridden`).  A scheduler
-        stepped every step writes a value that moves by a shift ``Δ`` (in ``φ``'s units) from
-        one step to the next.  On the step after a hyper-step moved the value from ``a`` to
-        ``b``, a chainable scheduler (StepLR, ExponentialLR, CosineAnnealingLR) writes about
-        ``b + Δ`` — it scales what it finds, so the move stays — and an absolute one
-        (OneCycleLR, CyclicLR, LambdaLR) about ``a + Δ``, its own value, which undoes it.  ``Δ``
-        is the schedule's own shift, extrapolated from the two steps before; it is known only
-        from steps without a hyper-step, so with ``update_interval=1`` nothing is judged.  A
-        write much nearer one of the two (four times) decides; one in between, or a schedule
-        that turns as fast as the move, decides nothing; no write at all means the move stayed.
-        """
+        """Take up values written into the param groups from outside; returns which.  Each
+        write, or its absence, is shown to :attr:`writes`."""
         taken = set()
         for index, (group, learned) in enumerate(zip(self.param_groups, self.groups, strict=True)):
             for name, lv in learned.items():
                 key = (index, name)
                 value = self._opt._group_value(group, name)
                 written = value != lv.shown
-                self._watch_write(key, lv, value if written else None)
+                self.writes.judge(key, lv, value if written else None)
                 if written:
                     self._write(group, lv, lv.take_external(value, group["params"]))
                     taken.add(key)
         return taken
 
-    def _watch_write(self, key: tuple[int, str], lv: LearnedValue, value: float | None) -> None:
-        """Judge the write ``value`` (``None``: none) to ``key`` at the start of a step."""
-        move = self._moved.pop(key, None)
-        written = None if value is None else _unconstrained(value, lv)
-        if written is not None:
-            self._wrote.add(key)
-        if move is None:  # no hyper-step just before: the schedule's own shift
-            if written is not None:
-                self._note_shift(key, written - _unconstrained(lv.shown, lv))
-            elif key in self._wrote:  # it wrote before and stands still now
-                self._note_shift(key, 0.0)
-            else:  # nothing written yet: its shift is not known
-                self._shift.pop(key, None)
-            return
-        if written is None:  # the move stayed
-            self._undone[key] = 0
-            self._note_shift(key, 0.0)
-            return
-        a, b = (_unconstrained(x, lv) for x in move)
-        known = self._shift.pop(key, None)
-        if known is None:  # no step without a move told the shift (update_interval=1)
-            return
-        before, last = known
-        shift = 2 * last - before  # the schedule's shift on this step, extrapolated
-        off_a, off_b = abs(written - a - shift), abs(written - b - shift)
-        if abs(last - before) * 2 > abs(b - a):  # the schedule turns as fast as the move:
-            return  # the extrapolation cannot tell them apart
-        if off_a * 4 < off_b:  # undone: the schedule went on from a
-            self._undone[key] = self._undone.get(key, 0) + 1
-            self._note_shift(key, written - a)
-        elif off_b * 4 < off_a:  # kept: the schedule went on from b
-            self._undone[key] = 0
-            self._note_shift(key, written - b)
-
-    def _note_shift(self, key: tuple[int, str], shift: float) -> None:
-        """The schedule's shift on this step (the first one known after an unknown one stands
-        for the one before it too)."""
-        last = self._shift.get(key, (shift, shift))[1]
-        self._shift[key] = (last, shift)
-
-    def reset_watch(self) -> None:
-        """Forget what the writes looked like (a state dict was loaded)."""
-        self._moved, self._undone, self._shift, self._wrote = {}, {}, {}, set()
-
-    def overridden(self) -> list[tuple[int, str]]:
-        """The learned values whose last :data:`UNDONE` judged hyper-steps a write on the next
-        step undid."""
-        return [key for key, count in self._undone.items() if count >= UNDONE]
-
-    def all_overridden(self) -> bool:
-        """Every learned value is :meth:`overridden`: a hyper-step's result would be thrown
-        away."""
-        keys = [(i, name) for i, learned in enumerate(self.groups) for name in learned]
-        return bool(keys) and all(self._undone.get(key, 0) >= UNDONE for key in keys)
+    def keys(self) -> list[tuple[int, str]]:
+        """Every learned value, as ``(group index, name)``."""
+        return [(i, name) for i, learned in enumerate(self.groups) for name in learned]
 
     def values(
         self, index: int, indices: list[int], learnable: tuple[str, ...]
@@ -319,18 +251,9 @@ class LearnedHyperparameters:
                 if lv.granularity != "scalar":
                     lv.values = []
                     lv.refresh(group["params"])
-        self.counters = {
-            "divergences": 0,
-            "scaler_skipped_steps": 0,
-            "overridden_hyper_steps": 0,
-            **hyper["counters"],
-        }
+        self.counters = {**dict.fromkeys(COUNTERS, 0), **hyper["counters"]}
+        self.writes.reset()
         self.last = clone_values(hyper["hypergradients"])
-
-
-def _unconstrained(value: float, lv: LearnedValue) -> float:
-    lo, hi = lv.bounds
-    return to_unconstrained(min(max(value, lo), hi), lv.fraction)
 
 
 def _place(

@@ -124,10 +124,6 @@ def _remove_hooks(closures: Closures) -> None:
         closures.remove_hooks()
 
 
-PROBE_AFTER, PROBE_MAX = 2, 64
-"""While an absolute scheduler overwrites every learned value, a hyper-step is taken after
-``PROBE_AFTER`` skipped ones, then after twice as many each time, up to ``PROBE_MAX``."""
-
 HVP_PROVIDERS = _hvp_providers()
 """The product providers of the methods registered when this module was imported."""
 
@@ -210,8 +206,6 @@ class HyperOptimizer(Optimizer):
         self._hyper = LearnedHyperparameters(self)
         self._validation_closure: Closure | None = None
         self._warned_no_closure = False
-        self._warned_overridden: set[tuple[int, str]] = set()
-        self._skipped_overridden, self._next_probe = 0, PROBE_AFTER
         self._hyper_step_hooks: OrderedDict[int, HyperStepHook] = OrderedDict()
         self.hyper_optimizer: Optimizer | None = None
         super().__init__(params, defaults)
@@ -463,13 +457,14 @@ class HyperOptimizer(Optimizer):
         if self._process_group is None:  # the default: the group initialised by now, if any
             self._closures.replicas = resolve_process_group(None)
             self._process_group = self._closures.replicas is not None
+        trainable = self._trainable()
         if self._closures.replicas is not None:
-            self._closures.replicas.check_weights(self._trainable(), t)
+            self._closures.replicas.check_weights(trainable, t)
         scaler = self.grad_scaler
         if scaler is not None and not scaler.is_enabled():
             scaler = None
         self._closures.use_scaler(scaler)
-        loss = self._closures.run(closure, loss_fn, self._trainable(), plan.products > 0)
+        loss = self._closures.run(closure, loss_fn, trainable, plan.products > 0)
         if scaler is not None and self._unscale(scaler):
             self._closures.release()  # an inf or NaN gradient: the step is skipped, as torch's
             self._hyper.counters["scaler_skipped_steps"] += 1  # scaler.step(opt) would
@@ -517,11 +512,12 @@ class HyperOptimizer(Optimizer):
 
     def _overridden(self) -> bool:
         """Whether something (an absolute scheduler) overwrites every learned value on every
-        step, undoing each hyper-step: warn once; skip the hyper-steps while it does (not for
-        a method that learns schedules, whose own state follows every step)."""
-        overridden = [key for key in self._hyper.overridden() if key not in self._warned_overridden]
-        if overridden:  # once for each value
-            self._warned_overridden.update(overridden)
+        step, undoing each hyper-step (:mod:`hyperopt_optim._writes`): warn once per value; skip
+        the hyper-steps while it does, but for probes (not for a method that learns schedules,
+        whose own state follows every step)."""
+        writes = self._hyper.writes
+        overridden = writes.newly_overridden()
+        if overridden:
             names = ", ".join(f"{name!r} of param group {i}" for i, name in overridden)
             warnings.warn(
                 f"{type(self).__name__}: something (a scheduler such as OneCycleLR, CyclicLR or "
@@ -533,17 +529,7 @@ class HyperOptimizer(Optimizer):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        if self._method.learns_schedules or not self._hyper.all_overridden():
-            self._skipped_overridden, self._next_probe = 0, PROBE_AFTER
-            return False
-        self._skipped_overridden += 1
-        if self._skipped_overridden < self._next_probe:
-            return True
-        # a probe: the hyper-step is taken, to see whether the writes still undo it (they may
-        # have stopped, or a chainable schedule may have looked absolute); the next probe
-        # comes twice as many hyper-steps later, so probes cost a logarithmic share
-        self._skipped_overridden, self._next_probe = 0, min(2 * self._next_probe, PROBE_MAX)
-        return False
+        return not self._method.learns_schedules and writes.skip(self._hyper.keys())
 
     def _unscale(self, scaler: Any) -> bool:
         """Unscale the gradients in ``.grad``; whether the scaler found an inf or NaN."""
@@ -825,12 +811,10 @@ class HyperOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         if hyper is None:
             self._hyper.take_external_writes()
-            self._hyper.reset_watch()
+            self._hyper.writes.reset()
             self._method.restart(self._hyper.groups)
             return
         self._hyper.load_state_dict(hyper)
-        self._hyper.reset_watch()
-        self._skipped_overridden, self._next_probe = 0, PROBE_AFTER
         assert self.hyper_optimizer is not None
         self.hyper_optimizer.load_state_dict(hyper["hyper_optimizer"])
         self._method.load_state_dict(hyper["method"], [g["params"] for g in self.param_groups])

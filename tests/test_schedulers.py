@@ -22,7 +22,7 @@ from torch.nn.functional import cross_entropy
 from torch.optim import lr_scheduler
 
 from hyperopt_optim import HyperAdam, HyperOptimizer, HyperSGD
-from hyperopt_optim._hyperparameters import UNDONE
+from hyperopt_optim._writes import UNDONE
 
 STEPS = 200
 
