@@ -9,6 +9,7 @@ arguments, and each hypergradient method the options it owns (:func:`check_neuma
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, cast
@@ -92,6 +93,43 @@ def check_fused(owner: str, fused: object) -> None:
 def check_callable(argument: str, value: object) -> None:
     if not callable(value):
         raise TypeError(f"{argument} must be callable, got {value!r}")
+
+
+def check_hvp_batch_fraction(value: object, method: HypergradientMethod) -> float:
+    """``hvp_batch_fraction``: a number in (0, 1]; below 1 only where products are taken on
+    a step's batch by a closure (``method="ift"``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"hvp_batch_fraction must be a number in (0, 1], got {value!r}")
+    fraction = float(value)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"hvp_batch_fraction must be in (0, 1], got {value!r}")
+    if fraction < 1.0 and (method.name != "ift" or method.neumann_steps == 0):
+        raise ValueError(
+            f"hvp_batch_fraction={value!r} is taken by method='ift' with neumann_steps > 0 "
+            f"(the Hessian-vector products of its series), not method={method.name!r} with "
+            f"neumann_steps={method.neumann_steps}"
+        )
+    return fraction
+
+
+def check_batch_fraction_closure(closure: object) -> None:
+    """With ``hvp_batch_fraction`` below 1, the training closure is called as
+    ``closure(batch_fraction=f)`` for the products: it must take that keyword."""
+    try:
+        signature = inspect.signature(closure)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: let the call say
+    params = signature.parameters
+    if "batch_fraction" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    ):
+        return
+    raise TypeError(
+        "hvp_batch_fraction < 1 calls the training closure as closure(batch_fraction=f) for "
+        "the Hessian-vector products, evaluating the loss on that fraction of the batch (e.g. "
+        "its first ceil(f * len(batch)) examples), but this closure takes no batch_fraction "
+        "keyword: def closure(batch_fraction=1.0): ..."
+    )
 
 
 def check_divergence_guard(value: object, method: HypergradientMethod) -> bool:

@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from ._checks import check_training_loss, check_validation_loss
+from ._checks import check_batch_fraction_closure, check_training_loss, check_validation_loss
 from ._distributed import Replicas
 from .hypergradients._base import Closure, GroupSnapshot
 from .hypergradients.hvp import (
@@ -153,6 +153,10 @@ class Closures:
         self._handles: list[Any] = []
         self._graph: dict[int, Tensor] | None = None
         self._functional: tuple[FunctionalHVP, list[Tensor]] | None = None
+        #: the products are taken on this fraction of the step's batch (``hvp_batch_fraction``)
+        self.batch_fraction = 1.0
+        #: this step's closure returned the loss without calling backward()
+        self._loss_only = False
 
     def watch(self, p: Tensor) -> None:
         """Count the backward passes that reach ``p`` (torch's closure calls ``backward()``)."""
@@ -198,8 +202,12 @@ class Closures:
                 self.replicas.check_gradients([p.grad for p in trainable if p.grad is not None])
             return None
         graph_wanted = (
-            exact and not self.no_double_backward and self.resolved in (None, *EXACT_HVPS)
+            exact
+            and self.batch_fraction == 1.0
+            and not self.no_double_backward
+            and self.resolved in (None, *EXACT_HVPS)
         )
+        self._loss_only = False
         before = self._count[0]
         saves = clone_parameter_saves(trainable) if graph_wanted else nullcontext()
         with torch.enable_grad(), saves:
@@ -215,6 +223,7 @@ class Closures:
                 if self.replicas is not None:  # DDP's backward() must have averaged them
                     self.replicas.check_gradients([p.grad for p in trainable if p.grad is not None])
                 return loss
+            self._loss_only = True
             scaled = self._scaled(check_training_loss(loss))
             try:
                 grads = grad(scaled, trainable, create_graph=graph_wanted)
@@ -335,6 +344,8 @@ class Closures:
             columns = _functional_columns(functional, trainable, live)
             # loss_fn itself is not scaled: its products are averaged, not unscaled
             return self._exact(StepProducts(lambda: _one_column(columns), columns), scaled=False)
+        if closure is not None and self.batch_fraction < 1.0:
+            return self._sub_batch(closure, groups, pick)
         if self._graph is not None:
             graph, self._graph = self._graph, None
             provider = AutogradHVP(live, [graph.get(id(p), torch.zeros_like(p)) for p in live])
@@ -348,6 +359,50 @@ class Closures:
         central = self.resolved != "forward_difference"
         return self._differences(closure, groups, pick, central=central)
 
+    def _sub_batch(
+        self,
+        closure: Closure,
+        groups: list[GroupSnapshot],
+        pick: Callable[[list[Tensor]], list[Tensor]],
+    ) -> StepProducts:
+        """Products on a fraction of the step's batch: ``closure(batch_fraction=f)``
+        evaluates the training loss on it.  Exact ones (a closure that returns the loss alone)
+        differentiate that loss with a graph, at the pre-step weights (the update that follows
+        does not disturb the graph's copies); differences evaluate it at moved weights, and
+        forward differences at the point too, since the step's own gradient is of the whole
+        batch."""
+        check_batch_fraction_closure(closure)
+        fraction = self.batch_fraction
+
+        def sub() -> Any:
+            return closure(batch_fraction=fraction)  # type: ignore[call-arg]
+
+        forward = self.resolved == "forward_difference"
+        exact = self._loss_only and not self.no_double_backward and self.resolved in EXACT_HVPS
+        if not exact:
+            return self._differences(sub, groups, pick, central=not forward, at_point=False)
+        live = pick([p for g in groups for p in g.live])
+        before = self._count[0]
+        with torch.enable_grad(), clone_parameter_saves(live):
+            loss = sub()
+            if self._count[0] != before:
+                raise RuntimeError(
+                    "closure(batch_fraction=...) called backward() where the step's closure "
+                    "did not: a closure must do the same with and without batch_fraction"
+                )
+            try:
+                grads = grad(self._scaled(check_training_loss(loss)), live, create_graph=True)
+            except RuntimeError as err:
+                if not _no_double_backward(err):
+                    raise
+                self.fall_back(err)
+                return self._differences(sub, groups, pick, central=True, at_point=False)
+        provider = AutogradHVP(live, _zeros_for_none(grads, live))
+        exact_products = self._exact(StepProducts(lambda: provider))
+        return _Fallback(
+            self, exact_products, self._differences(sub, groups, pick, central=True, at_point=False)
+        )
+
     def _differences(
         self,
         closure: Closure,
@@ -355,13 +410,25 @@ class Closures:
         pick: Callable[[list[Tensor]], list[Tensor]],
         *,
         central: bool,
+        at_point: bool = True,
     ) -> StepProducts:
+        """Differences of ``closure``'s gradient; ``at_point``: the step's own gradient is
+        that gradient at the point (else forward differences evaluate it there)."""
         live = pick([p for g in groups for p in g.live])
         point = pick([x for g in groups for x in g.params])
-        at_point = pick([x for g in groups for x in g.grads])  # the step's own, unclipped
+        # the step's own, unclipped
+        grad_at_point = pick([x for g in groups for x in g.grads]) if at_point else None
+        # without replicas, every evaluation's gradient is new (``gradient`` clears .grad
+        # first); DDP may write the next one into the same buckets
+        fresh = self.replicas is None
         return StepProducts(
             lambda: FiniteDifferenceHVP(
-                live, point, at_point, lambda: self.gradient(closure, live), central=central
+                live,
+                point,
+                grad_at_point,
+                lambda: self.gradient(closure, live),
+                central=central,
+                fresh=fresh,
             )
         )
 

@@ -262,7 +262,11 @@ def _place(
     """Element-wise values for the covered parameters, zeros for the rest of the group."""
     if lv.granularity == "scalar" and len(indices) == len(params):
         return values
-    full = [torch.zeros_like(p) for p in params]
+    if values and all(v.dim() == 0 for v in values) and lv.granularity != "element":
+        # already summed per parameter (GroupSnapshot.reduced_hyper_vjp)
+        full = [torch.zeros((), dtype=values[0].dtype, device=p.device) for p in params]
+    else:
+        full = [torch.zeros_like(p) for p in params]
     for i, v in zip(indices, values, strict=True):
         full[i] = v
     return full

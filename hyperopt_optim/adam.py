@@ -50,7 +50,7 @@ class HyperAdam(HyperOptimizer):
             (default: ``("lr",)``).
         granularity, method, neumann_steps, update_interval, hyper_optimizer, hvp, bounds,
         horizon, windows, mode, clamps, backtrack, divergence_guard, keep_best, process_group,
-        grad_scaler:
+        grad_scaler, hvp_batch_fraction:
             as for :class:`~hyperopt_optim.HyperSGD`; the default bounds are lr [1e-8, 10],
             weight decay [1e-10, 10], eps [1e-16, 1], betas [1e-6, 1 - 1e-6].
     """
@@ -92,6 +92,7 @@ class HyperAdam(HyperOptimizer):
         keep_best: bool = False,
         process_group: Any = None,
         grad_scaler: Any = None,
+        hvp_batch_fraction: float = 1.0,
     ) -> None:
         flags = {
             "amsgrad": amsgrad,
@@ -139,6 +140,7 @@ class HyperAdam(HyperOptimizer):
             keep_best=keep_best,
             process_group=process_group,
             grad_scaler=grad_scaler,
+            hvp_batch_fraction=hvp_batch_fraction,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:
@@ -220,6 +222,7 @@ class HyperAdamW(HyperAdam):
         keep_best: bool = False,
         process_group: Any = None,
         grad_scaler: Any = None,
+        hvp_batch_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
@@ -233,4 +236,5 @@ class HyperAdamW(HyperAdam):
             keep_best=keep_best,
             process_group=process_group,
             grad_scaler=grad_scaler,
+            hvp_batch_fraction=hvp_batch_fraction,
         )  # fmt: skip

@@ -44,6 +44,7 @@ from ._checks import (
     check_choice,
     check_divergence_guard,
     check_granularity,
+    check_hvp_batch_fraction,
     check_keep_best,
     check_learn,
     check_learnable_value,
@@ -165,6 +166,7 @@ class HyperOptimizer(Optimizer):
         keep_best: bool = False,
         process_group: Any = None,
         grad_scaler: Any = None,
+        hvp_batch_fraction: float = 1.0,
     ) -> None:
         self.learn = check_learn(learn, self.rule.learnable)
         self.granularity = check_granularity(granularity, self.learn)
@@ -190,6 +192,8 @@ class HyperOptimizer(Optimizer):
             MethodOptions(method, self.granularity, hvp, neumann_steps, update_interval, extra)
         )
         self.neumann_steps = self._method.neumann_steps
+        self.hvp_batch_fraction = check_hvp_batch_fraction(hvp_batch_fraction, self._method)
+        self._closures.batch_fraction = self.hvp_batch_fraction
         self.update_interval = self._method.update_interval
         if hyper_optimizer is not None and not callable(hyper_optimizer):
             raise TypeError(
@@ -478,10 +482,13 @@ class HyperOptimizer(Optimizer):
         self._hyper.validation_loss = None
         ctx = StepContext(self._hyper, t, None, self._gradients_of, val_closure)
         views = [self._gather(i) for i in range(len(self.param_groups))]
-        # Finite differences move the live weights and call the closure, which overwrites
-        # .grad (even in place): they need copies of the point and of the step's gradient.
+        # Finite differences move the live weights and call the closure: they need a copy of
+        # the point.  The closure's backward writes new .grad tensors (they are cleared
+        # before each evaluation), so the step's own gradients are kept by reference, but
+        # under DDP, whose buckets the next backward may write into in place.
         fd = plan.products > 0 and self._closures.finite_differences
-        copies = {"params": plan.copy or fd, "state": plan.copy, "grads": fd}
+        distributed = self._closures.replicas is not None
+        copies = {"params": plan.copy or fd, "state": plan.copy, "grads": fd and distributed}
         try:
             if plan.snapshot:
                 ctx.groups = [self._snapshot(i, *view, copies) for i, view in enumerate(views)]
@@ -754,6 +761,11 @@ class HyperOptimizer(Optimizer):
                 hp=self._hyper_values(index, indices),
                 flags={k: group[k] for k in self.flag_names},
                 names=tuple(self._hyper.groups[index]),
+                reduced=frozenset(
+                    name
+                    for name, lv in self._hyper.groups[index].items()
+                    if lv.granularity != "element"
+                ),
             )
 
     def _trainable(self) -> list[Tensor]:

@@ -114,6 +114,12 @@ class HyperSGD(HyperOptimizer):
             differentiates itself the same way and unscales the products; call
             ``opt.step(closure)`` and then ``scaler.update()``, not ``scaler.step(opt)``
             (default: None).
+        hvp_batch_fraction: ``method="ift"``: take the Hessian-vector products of the series
+            on this fraction of the step's batch (default: 1, the whole batch).  Below 1 the
+            optimizer calls ``closure(batch_fraction=f)`` for them, and the closure evaluates
+            the loss on that part of its batch (e.g. the first ``ceil(f * len(batch))``
+            examples, the same ones each time); the update still uses the whole batch's
+            gradient.  A product then costs about ``f`` of one on the whole batch.
 
     Example:
         >>> import torch
@@ -203,6 +209,7 @@ class HyperSGD(HyperOptimizer):
         keep_best: bool = False,
         process_group: Any = None,
         grad_scaler: Any = None,
+        hvp_batch_fraction: float = 1.0,
     ) -> None:
         check_torch_flags({"nesterov": nesterov, "maximize": maximize}, foreach)
         if differentiable is not False:
@@ -243,6 +250,7 @@ class HyperSGD(HyperOptimizer):
             keep_best=keep_best,
             process_group=process_group,
             grad_scaler=grad_scaler,
+            hvp_batch_fraction=hvp_batch_fraction,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:

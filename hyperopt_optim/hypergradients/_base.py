@@ -24,14 +24,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .._learned import LearnedValue
-from ..rules._base import Hyper, RuleState, UpdateRule, linearise, state_vjp
+from ..rules._base import Hyper, RuleState, UpdateRule, linearise, present, state_vjp
 
 if TYPE_CHECKING:
     from ..schedules import Schedules
@@ -104,6 +104,9 @@ class GroupSnapshot:
     hp: dict[str, Hyper]
     flags: dict[str, object]
     names: tuple[str, ...]
+    #: the learned names whose hypergradient is reduced to one value per tensor (scalar and
+    #: tensor granularity): :meth:`reduced_hyper_vjp` sums them as it makes them
+    reduced: frozenset[str] = frozenset()
     #: what the rule's products read of the step at this point (:func:`linearise`), computed
     #: at the first product and kept for the others while the snapshot lives
     linear: Any = None
@@ -124,10 +127,124 @@ class GroupSnapshot:
     def hyper_vjp(
         self, cotangent_params: list[Tensor], cotangent_state: RuleState
     ) -> dict[str, list[Tensor]]:
+        """The rule's ``hyper_vjp`` at this point: element-wise, one tensor per parameter."""
         return self.rule.hyper_vjp(
             self.params, self.grads, self.state, self.hp, self.flags,
             cotangent_params, cotangent_state, self.names,
         )  # fmt: skip
+
+    def reduced_hyper_vjp(
+        self, cotangent_params: list[Tensor], cotangent_state: RuleState
+    ) -> dict[str, list[Tensor]]:
+        """:meth:`hyper_vjp` with the names in :attr:`reduced` summed per parameter (a 0-dim
+        float64 tensor each) as they are made.
+
+        The update rules are element-wise, so the product can be taken on slices of the
+        flattened tensors: it runs on pieces of about an eighth of the group (at least
+        :data:`REDUCE_CHUNK` elements), and the parameter-sized temporaries of a rule's
+        ``hyper_vjp`` (several per learned name) shrink to those of one piece.  Names at
+        ``"element"`` granularity are written into tensors of the parameters' shapes.
+        """
+        if not self.reduced or not self.params:
+            return self.hyper_vjp(cotangent_params, cotangent_state)
+        numels = [p.numel() for p in self.params]
+        chunk = max(REDUCE_CHUNK, -(-sum(numels) // 8))
+        buffers = [*self.state.values(), *cotangent_state.values()]
+        learned = [h for h in self.hp.values() if not isinstance(h, float | int)]
+        sliceable = [
+            all(_sliceable(x, n) for x in (p, g, c))
+            and all(_sliceable(xs[i], n) for xs in buffers)
+            and all(_sliceable(h[i], n) for h in learned)
+            for i, (n, p, g, c) in enumerate(
+                zip(numels, self.params, self.grads, cotangent_params, strict=True)
+            )
+        ]
+        sums: dict[str, list[Tensor]] = {}
+        full: dict[str, list[Tensor | None]] = {}
+        for name in self.names:
+            if name in self.reduced:
+                sums[name] = [
+                    torch.zeros((), dtype=torch.float64, device=p.device) for p in self.params
+                ]
+            else:
+                full[name] = [None] * len(self.params)
+        for pieces in _pieces(numels, sliceable, chunk):
+            view = _View(pieces, numels)
+            out = self.rule.hyper_vjp(
+                view.tensors(self.params), view.tensors(self.grads), view.state(self.state),
+                view.hyper(self.hp), self.flags, view.tensors(cotangent_params),
+                view.state(cotangent_state), self.names,
+            )  # fmt: skip
+            for name, values in out.items():
+                for (i, a, b), x in zip(pieces, values, strict=True):
+                    if name in sums:
+                        sums[name][i] += x.sum(dtype=torch.float64)
+                    elif a == 0 and b == numels[i]:
+                        full[name][i] = x
+                    else:
+                        target = full[name][i]
+                        if target is None:
+                            like = self.params[i]
+                            target = torch.empty(like.shape, dtype=x.dtype, device=x.device)
+                            full[name][i] = target
+                        target.view(-1)[a:b].copy_(x.reshape(-1))
+            del out
+        return {name: sums[name] if name in sums else present(full[name]) for name in self.names}
+
+
+REDUCE_CHUNK = 1 << 15
+"""The smallest piece, in elements, that :meth:`GroupSnapshot.reduced_hyper_vjp` slices a
+group into (smaller groups run in one piece: one call, no Python loop on the hot path)."""
+
+
+def _pieces(
+    numels: list[int], sliceable: list[bool], chunk: int
+) -> list[list[tuple[int, int, int]]]:
+    """Slices ``(parameter index, start, stop)`` of the flattened parameters, packed into
+    calls of about ``chunk`` elements; a parameter that is not ``sliceable`` stays whole."""
+    calls: list[list[tuple[int, int, int]]] = [[]]
+    size = 0
+    for i, (n, ok) in enumerate(zip(numels, sliceable, strict=True)):
+        bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)] if ok and n else [(0, n)]
+        for a, b in bounds:
+            if size and size + (b - a) > chunk:
+                calls.append([])
+                size = 0
+            calls[-1].append((i, a, b))
+            size += b - a
+    return [c for c in calls if c]
+
+
+def _sliceable(x: Tensor | None, numel: int) -> bool:
+    """A tensor of a parameter's values that can be sliced like the flattened parameter."""
+    return x is None or x.dim() == 0 or (x.numel() == numel and x.is_contiguous())
+
+
+class _View:
+    """The tensors of a group restricted to some slices of its flattened parameters."""
+
+    def __init__(self, pieces: list[tuple[int, int, int]], numels: list[int]) -> None:
+        self.pieces = pieces
+        self.numels = numels
+
+    def _one(self, x: Tensor | None, i: int, a: int, b: int) -> Tensor | None:
+        if x is None or x.dim() == 0 or (a == 0 and b == self.numels[i]):
+            return x
+        return x.view(-1)[a:b]
+
+    def tensors(self, xs: list[Tensor]) -> list[Tensor]:
+        return [cast(Tensor, self._one(xs[i], i, a, b)) for i, a, b in self.pieces]
+
+    def state(self, state: RuleState) -> RuleState:
+        return {
+            name: [self._one(xs[i], i, a, b) for i, a, b in self.pieces]
+            for name, xs in state.items()
+        }
+
+    def hyper(self, hp: dict[str, Hyper]) -> dict[str, Hyper]:
+        return {
+            name: h if isinstance(h, float | int) else self.tensors(h) for name, h in hp.items()
+        }
 
 
 @dataclass(frozen=True)

@@ -116,21 +116,26 @@ class FiniteDifferenceHVP:
     Args:
         params: the live parameter tensors (they are moved and put back).
         point: the weights to differentiate at (the pre-step weights).
-        grad_at_point: the gradient there (reused by ``forward`` differences).
+        grad_at_point: the gradient there (reused by ``forward`` differences); ``None``: they
+            evaluate it at the first product.
         gradient: evaluates the training gradient at the parameters' current values.
         central: central differences (two gradient evaluations per product) or forward ones.
+        fresh: ``gradient`` returns new tensors that nothing writes to afterwards (else they
+            are copied: DDP's gradient buckets are reused by the next backward).
     """
 
     def __init__(
         self,
         params: list[Tensor],
         point: list[Tensor],
-        grad_at_point: list[Tensor],
+        grad_at_point: list[Tensor] | None,
         gradient: Callable[[], list[Tensor]],
         *,
         central: bool = True,
+        fresh: bool = False,
     ) -> None:
         self._params = params
+        self._fresh = fresh
         self._point = point
         self._grad = grad_at_point
         self._gradient = gradient
@@ -154,11 +159,12 @@ class FiniteDifferenceHVP:
         eps = self._delta * max(1.0, self._point_norm) / d_norm
         try:
             plus = self._at(directions, eps)
-            if self._central:
-                minus = self._at(directions, -eps)
-                torch._foreach_sub_(plus, minus)
+            if self._central:  # one gradient besides the result at a time
+                torch._foreach_sub_(plus, self._at(directions, -eps))
                 torch._foreach_div_(plus, 2 * eps)
             else:
+                if self._grad is None:
+                    self._grad = self._at(directions, 0.0)
                 torch._foreach_sub_(plus, self._grad)
                 torch._foreach_div_(plus, eps)
         finally:
@@ -170,7 +176,10 @@ class FiniteDifferenceHVP:
         with torch.no_grad():
             torch._foreach_copy_(self._params, self._point)
             torch._foreach_add_(self._params, directions, alpha=eps)
-        return [g.detach().clone() for g in self._gradient()]
+        grads = self._gradient()
+        if self._fresh:
+            return [g.detach() for g in grads]
+        return [g.detach().clone() for g in grads]
 
 
 def _norm(xs: list[Tensor]) -> float:

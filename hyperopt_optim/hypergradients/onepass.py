@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_neumann_steps, check_positive_int
-from ..rules._base import RuleState
+from ..rules._base import RuleState, StateCotangent
 from ._base import (
     ElementwiseHypergradients,
     GroupHypergradients,
@@ -63,26 +63,61 @@ def neumann_hypergradient(
     sizes = [len(g.live) for g in groups]
     v_params = _split(outer, sizes)
     v_state: list[RuleState] = [{} for _ in groups]
-    p_params = [[x.clone() for x in vs] for vs in v_params]
+    # p = Σ v_j accumulates in v_0's tensors (``outer`` is consumed); each v_j is added once
+    # its own product is formed and then dropped, so that the sum, one term and the product's
+    # direction are all the series holds
+    p_params = [[_writable(x) for x in vp] for vp in v_params] if neumann_steps else v_params
     p_state: list[RuleState] = [{} for _ in groups]
-    for _ in range(neumann_steps):
+    for j in range(neumann_steps):
         if hvp is None:
             raise ValueError("neumann_steps > 0 needs Hessian-vector products")
         parts = [g.state_vjp(vp, vs) for g, vp, vs in zip(groups, v_params, v_state, strict=True)]
-        products = _split(hvp([r for part in parts for r in part.grads]), sizes)
-        v_params = [
-            list(torch._foreach_add(part.params, hr))
-            for part, hr in zip(parts, products, strict=True)
-        ]
-        v_state = [part.state for part in parts]
-        for acc, vp in zip(p_params, v_params, strict=True):
-            torch._foreach_add_(acc, vp)
-        for acc_s, vs in zip(p_state, v_state, strict=True):
-            _accumulate(acc_s, vs)
+        if j > 0:
+            _add_term(p_params, p_state, v_params, v_state)
+        del v_params, v_state
+        v_params, v_state = _complete(parts, hvp, sizes)
+        del parts
+    if neumann_steps > 0:
+        _add_term(p_params, p_state, v_params, v_state)
     return [
-        GroupHypergradients(list(g.indices), g.hyper_vjp(pp, ps))
+        GroupHypergradients(list(g.indices), g.reduced_hyper_vjp(pp, ps))
         for g, pp, ps in zip(groups, p_params, p_state, strict=True)
     ]
+
+
+def _complete(
+    parts: list[StateCotangent],
+    hvp: Callable[[list[Tensor]], list[Tensor]],
+    sizes: list[int],
+) -> tuple[list[list[Tensor]], list[RuleState]]:
+    """The next term from each group's ``state_vjp``: ``H r`` added to the weight block
+    (``state_vjp``'s own new tensors); ``r`` is dropped on return."""
+    products = _split(hvp([r for part in parts for r in part.grads]), sizes)
+    for part, hr in zip(parts, products, strict=True):
+        torch._foreach_add_(part.params, hr)
+    return [part.params for part in parts], [part.state for part in parts]
+
+
+def _writable(x: Tensor) -> Tensor:
+    """``x``, or a copy when elements share memory (autograd may return an expanded tensor,
+    such as the gradient of a sum), so that it can be added to in place."""
+    if any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape, strict=True)):
+        return x.clone()
+    return x
+
+
+def _add_term(
+    p_params: list[list[Tensor]],
+    p_state: list[RuleState],
+    v_params: list[list[Tensor]],
+    v_state: list[RuleState],
+) -> None:
+    """``p += v``, group by group; ``v`` is not used again (its state tensors may become
+    ``p``'s)."""
+    for acc, vp in zip(p_params, v_params, strict=True):
+        torch._foreach_add_(acc, vp)
+    for acc_s, vs in zip(p_state, v_state, strict=True):
+        _accumulate(acc_s, vs)
 
 
 def _split(xs: list[Tensor], sizes: list[int]) -> list[list[Tensor]]:
@@ -94,15 +129,18 @@ def _split(xs: list[Tensor], sizes: list[int]) -> list[list[Tensor]]:
 
 
 def _accumulate(acc: RuleState, add: RuleState) -> None:
+    """``acc += add`` buffer by buffer: in place where ``acc`` has a tensor, else ``add``'s
+    own (which the caller does not use again)."""
     for name, xs in add.items():
-        if name not in acc:
-            acc[name] = [None if x is None else x.clone() for x in xs]
-            continue
+        current = acc.setdefault(name, [None] * len(xs))
         for i, x in enumerate(xs):
             if x is None:
                 continue
-            current = acc[name][i]
-            acc[name][i] = x.clone() if current is None else current + x
+            held = current[i]
+            if held is None:
+                current[i] = x  # a term's own tensor, not used again
+            else:
+                held.add_(x)
 
 
 class OnePass(HypergradientMethod):
