@@ -134,6 +134,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "noguard": {"divergence_guard": False},
     "valbatch": {"val_batch": 64},
     "t20": {"update_interval": 20},
+    "ift_bf50": {"method": "ift", "hvp_batch_fraction": 0.5},
+    "ift_bf25": {"method": "ift", "hvp_batch_fraction": 0.25},
 }
 
 
@@ -360,9 +362,11 @@ def train(
         index = next(order)
         x, y = data.x_train[index], data.y_train[index]
 
-        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+        def closure(x: Tensor = x, y: Tensor = y, batch_fraction: float = 1.0) -> Tensor:
+            # batch_fraction: hvp_batch_fraction's products on the batch's first part
+            n = math.ceil(batch_fraction * len(x))
             opt.zero_grad()
-            loss = fn(model(x), y)
+            loss = fn(model(x[:n]), y[:n])
             loss.backward()
             return loss
 

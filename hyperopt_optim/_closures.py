@@ -129,6 +129,18 @@ class StepProducts:
             return self._columns(directions)
         return batched_products(self, directions)
 
+    def add_to(self, directions: list[Tensor], targets: list[Tensor]) -> None:
+        """``targets += H d``, through the provider's own ``add_to`` where it has one
+        (finite differences: one gradient held at a time), else by adding the product."""
+        if type(self) is StepProducts:
+            if self._single is None:
+                self._single = self._make()
+            add = getattr(self._single, "add_to", None)
+            if add is not None:
+                add(directions, targets)
+                return
+        torch._foreach_add_(targets, self(directions))
+
 
 class Closures:
     """Runs the closures of one optimizer and builds the products of each step.
@@ -157,6 +169,8 @@ class Closures:
         self.batch_fraction = 1.0
         #: this step's closure returned the loss without calling backward()
         self._loss_only = False
+        #: the step's update is done: finite differences put the weights back by redoing it
+        self.updated = False
 
     def watch(self, p: Tensor) -> None:
         """Count the backward passes that reach ``p`` (torch's closure calls ``backward()``)."""
@@ -189,6 +203,7 @@ class Closures:
             what the closure or ``loss_fn`` returned.
         """
         self._graph, self._functional = None, None
+        self.updated = False
         if loss_fn is not None:
             with torch.enable_grad():
                 loss = check_training_loss(loss_fn(trainable))
@@ -421,16 +436,26 @@ class Closures:
         # without replicas, every evaluation's gradient is new (``gradient`` clears .grad
         # first); DDP may write the next one into the same buckets
         fresh = self.replicas is None
-        return StepProducts(
-            lambda: FiniteDifferenceHVP(
+
+        def redo() -> None:
+            for g in groups:
+                g.redo()
+
+        def make() -> FiniteDifferenceHVP:
+            # after the update, the weights it made are put back by redoing it from the point
+            # (bit for bit) rather than from a copy of them
+            can_redo = self.updated and all(g.can_redo for g in groups)
+            return FiniteDifferenceHVP(
                 live,
                 point,
                 grad_at_point,
                 lambda: self.gradient(closure, live),
                 central=central,
                 fresh=fresh,
+                restore=redo if can_redo else None,
             )
-        )
+
+        return StepProducts(make)
 
     def release(self) -> None:
         """Drop the step's graph."""
@@ -474,6 +499,12 @@ class _Fallback(StepProducts):
 
     def columns(self, directions: list[Tensor]) -> list[Tensor]:
         return self._run(lambda products: products.columns(directions))
+
+    def add_to(self, directions: list[Tensor], targets: list[Tensor]) -> None:
+        if self._exact is None:
+            self._differences.add_to(directions, targets)
+        else:
+            torch._foreach_add_(targets, self(directions))
 
 
 class _Mapped(StepProducts):

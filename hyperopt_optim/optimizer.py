@@ -505,6 +505,7 @@ class HyperOptimizer(Optimizer):
                         g = ctx.groups[i]
                         self._update(i, params, g.grads, state, g.hp)
             self._hyper.counters["step"] = t + 1
+            self._closures.updated = True
             self._hyper.apply(self._method.after_update(ctx))
             self._after_step(t + 1)
         finally:
@@ -761,6 +762,7 @@ class HyperOptimizer(Optimizer):
                 hp=self._hyper_values(index, indices),
                 flags={k: group[k] for k in self.flag_names},
                 names=tuple(self._hyper.groups[index]),
+                live_state=state,
                 reduced=frozenset(
                     name
                     for name, lv in self._hyper.groups[index].items()

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from hyperopt_optim import HyperAdam, HyperAdamW, HyperSGD
-from hyperopt_optim.hypergradients import _base
+from hyperopt_optim.hypergradients import _base, onepass
+from hyperopt_optim.rules import SGDRule
 
 SGD_ALL = ("lr", "momentum", "weight_decay")
 ADAM_ALL = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -69,13 +70,17 @@ def _run(cls: type, kwargs: dict[str, Any], learn: tuple[str, ...], granularity:
     ("cls", "kwargs", "learn"), CASES, ids=["sgd", "nesterov", "adam", "adamw"]
 )
 @pytest.mark.parametrize("granularity", ["scalar", "tensor", "element"])
-@pytest.mark.parametrize("method", ["greedy", "ift"])
+@pytest.mark.parametrize(("method", "lean"), [("greedy", False), ("ift", False), ("ift", True)])
 def test_pieces_give_the_whole_products(
     monkeypatch: pytest.MonkeyPatch, cls: type, kwargs: dict[str, Any], learn: tuple[str, ...],
-    granularity: str, method: str,
+    granularity: str, method: str, lean: bool,
 ) -> None:  # fmt: skip
+    """Pieces of 3 elements (slices of tensors) give the whole tensors' hypergradients; and
+    ``lean``: the series reduced term by term (SGD's terms written in place) gives the sum's."""
     whole = _run(cls, kwargs, learn, granularity, method)  # the groups are below one piece
-    monkeypatch.setattr(_base, "REDUCE_CHUNK", 3)  # pieces of 3 elements, and slices of tensors
+    monkeypatch.setattr(_base, "REDUCE_CHUNK", 3)
+    if lean:
+        monkeypatch.setattr(onepass, "LEAN_ELEMENTS", 0)
     pieces = _run(cls, kwargs, learn, granularity, method)
     for got_group, want_group in zip(pieces[0], whole[0], strict=True):
         for name, want in want_group.items():
@@ -114,3 +119,42 @@ def test_series_sum_does_not_write_into_an_expanded_gradient() -> None:
     for _ in range(3):
         opt.step(lambda: ((w * x) ** 2).sum(), val_closure=lambda: w.sum())
     assert all(torch.isfinite(v).all() for v in opt.hypergradients()[0].values())
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.02])
+@pytest.mark.parametrize("state_block", [False, True])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_sgd_in_place_state_vjp_equals_state_vjp(
+    nesterov: bool, maximize: bool, dampening: float, weight_decay: float, state_block: bool,
+    per_tensor: bool,
+) -> None:  # fmt: skip
+    if nesterov and dampening:
+        pytest.skip("torch refuses Nesterov with dampening")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,)]
+
+    def draw() -> list[Tensor]:
+        return [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+    params, grads, bufs, a_w, a_b = draw(), draw(), draw(), draw(), draw()
+    hp: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": weight_decay}
+    if per_tensor:
+        hp["lr"] = [torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)]
+        hp["momentum"] = [torch.full(s, 0.8, dtype=torch.float64) for s in shapes]
+    flags = {"dampening": dampening, "nesterov": nesterov, "maximize": maximize}
+    cot_state = {"momentum_buffer": a_b} if state_block else {}
+    rule = SGDRule()
+    state = {"momentum_buffer": bufs}
+    want = rule.state_vjp(params, grads, state, hp, flags, a_w, cot_state)
+    given = [x.clone() for x in a_w], {k: [x.clone() for x in v] for k, v in cot_state.items()}
+    got = rule.state_vjp_(params, grads, state, hp, flags, *given)
+    pairs = [
+        *zip(got.params, want.params, strict=True),
+        *zip(got.grads, want.grads, strict=True),
+        *zip(got.state["momentum_buffer"], want.state["momentum_buffer"], strict=True),
+    ]
+    for g, w in pairs:
+        torch.testing.assert_close(g, w, rtol=1e-15, atol=0.0)

@@ -104,6 +104,9 @@ class GroupSnapshot:
     hp: dict[str, Hyper]
     flags: dict[str, object]
     names: tuple[str, ...]
+    #: the live state the update writes (the optimizer's buffers), which after the update
+    #: holds the state after the step (see :meth:`redo`)
+    live_state: RuleState = field(default_factory=dict)
     #: the learned names whose hypergradient is reduced to one value per tensor (scalar and
     #: tensor granularity): :meth:`reduced_hyper_vjp` sums them as it makes them
     reduced: frozenset[str] = frozenset()
@@ -112,8 +115,18 @@ class GroupSnapshot:
     linear: Any = None
     linearised: bool = False
 
-    def state_vjp(self, cotangent_params: list[Tensor], cotangent_state: RuleState) -> Any:
-        """The rule's ``state_vjp`` at this point, every product from one linearisation."""
+    def state_vjp(
+        self, cotangent_params: list[Tensor], cotangent_state: RuleState, *, overwrite: bool = False
+    ) -> Any:
+        """The rule's ``state_vjp`` at this point, every product from one linearisation;
+        ``overwrite``: the caller gives up the cotangent, which a rule with an in-place
+        ``state_vjp_`` (SGD's) writes the result into."""
+        in_place = getattr(self.rule, "state_vjp_", None) if overwrite else None
+        if in_place is not None:
+            return in_place(
+                self.params, self.grads, self.state, self.hp, self.flags,
+                cotangent_params, cotangent_state,
+            )  # fmt: skip
         if not self.linearised:
             self.linear = linearise(
                 self.rule, self.params, self.grads, self.state, self.hp, self.flags
@@ -123,6 +136,21 @@ class GroupSnapshot:
             self.rule, self.params, self.grads, self.state, self.hp, self.flags,
             cotangent_params, cotangent_state, self.linear,
         )  # fmt: skip
+
+    @property
+    def can_redo(self) -> bool:
+        """Whether :meth:`redo` can put the live weights back after the update: the rule
+        has a ``redo`` and the snapshot holds a copy of the point."""
+        return hasattr(self.rule, "redo") and all(
+            x.data_ptr() != p.data_ptr() for x, p in zip(self.params, self.live, strict=True)
+        )
+
+    def redo(self) -> None:
+        """Write into the live weights, after the update, the weights the update made: the
+        rule's ``redo`` from the point, the step's gradients and the state after it."""
+        self.rule.redo(  # type: ignore[attr-defined]  # an optional method (see can_redo)
+            self.live, self.params, self.grads, self.live_state, self.hp, self.flags
+        )
 
     def hyper_vjp(
         self, cotangent_params: list[Tensor], cotangent_state: RuleState

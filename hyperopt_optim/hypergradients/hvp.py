@@ -122,6 +122,8 @@ class FiniteDifferenceHVP:
         central: central differences (two gradient evaluations per product) or forward ones.
         fresh: ``gradient`` returns new tensors that nothing writes to afterwards (else they
             are copied: DDP's gradient buckets are reused by the next backward).
+        restore: puts the parameters back after each product (e.g. by redoing the step from
+            the point, bit for bit); ``None``: a copy of their values now is put back.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class FiniteDifferenceHVP:
         *,
         central: bool = True,
         fresh: bool = False,
+        restore: Callable[[], None] | None = None,
     ) -> None:
         self._params = params
         self._fresh = fresh
@@ -143,14 +146,18 @@ class FiniteDifferenceHVP:
         roundoff = max(torch.finfo(p.dtype).eps for p in params) / 2 if params else 1.0
         self._delta = roundoff ** (1 / 3) if central else roundoff**0.5
         self._point_norm = _norm(point)
-        with torch.no_grad():  # the weights to put back after each product
-            self._current = [p.detach().clone() for p in params]
-        # a point that is the live weights themselves (no copy was planned) would move with
-        # them: differentiate at the copy taken now instead
-        self._point = [
-            c if x.data_ptr() == p.data_ptr() else x
-            for x, p, c in zip(point, params, self._current, strict=True)
-        ]
+        aliased = any(x.data_ptr() == p.data_ptr() for x, p in zip(point, params, strict=True))
+        self._restore = None if aliased else restore
+        self._current: list[Tensor] = []
+        if self._restore is None:
+            with torch.no_grad():  # the weights to put back after each product
+                self._current = [p.detach().clone() for p in params]
+            # a point that is the live weights themselves (no copy was planned) would move
+            # with them: differentiate at the copy taken now instead
+            self._point = [
+                c if x.data_ptr() == p.data_ptr() else x
+                for x, p, c in zip(point, params, self._current, strict=True)
+            ]
 
     def __call__(self, directions: list[Tensor]) -> list[Tensor]:
         d_norm = _norm(directions)
@@ -169,17 +176,44 @@ class FiniteDifferenceHVP:
                 torch._foreach_div_(plus, eps)
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self._params, self._current)
+                if self._restore is not None:
+                    self._restore()
+                else:
+                    torch._foreach_copy_(self._params, self._current)
         return plus
+
+    def add_to(self, directions: list[Tensor], targets: list[Tensor]) -> None:
+        """``targets += H d``.  Central differences with the gradient at the point at hand
+        add ``(∇L(w + εd) − g)/2ε`` and then subtract ``(∇L(w − εd) − g)/2ε``, so that one
+        gradient is held at a time (the same difference, rounded in another order)."""
+        if not self._central or self._grad is None:
+            torch._foreach_add_(targets, self(directions))
+            return
+        d_norm = _norm(directions)
+        if d_norm == 0 or not torch.isfinite(torch.tensor(d_norm)):
+            return
+        eps = self._delta * max(1.0, self._point_norm) / d_norm
+        try:
+            for sign in (1.0, -1.0):
+                moved = self._at(directions, sign * eps)
+                torch._foreach_sub_(moved, self._grad)
+                torch._foreach_add_(targets, moved, alpha=sign / (2 * eps))
+                del moved
+        finally:
+            with torch.no_grad():
+                if self._restore is not None:
+                    self._restore()
+                else:
+                    torch._foreach_copy_(self._params, self._current)
 
     def _at(self, directions: list[Tensor], eps: float) -> list[Tensor]:
         with torch.no_grad():
             torch._foreach_copy_(self._params, self._point)
             torch._foreach_add_(self._params, directions, alpha=eps)
-        grads = self._gradient()
-        if self._fresh:
-            return [g.detach() for g in grads]
-        return [g.detach().clone() for g in grads]
+        grads = [g.detach() if self._fresh else g.detach().clone() for g in self._gradient()]
+        for p in self._params:  # a closure's backward() left them there: held here alone
+            p.grad = None
+        return grads
 
 
 def _norm(xs: list[Tensor]) -> float:

@@ -61,6 +61,8 @@ def neumann_hypergradient(
         Per group, the element-wise hypergradient of every learned name.
     """
     sizes = [len(g.live) for g in groups]
+    if neumann_steps > 0 and _lean(groups):
+        return _term_by_term(groups, outer, hvp, neumann_steps)
     v_params = _split(outer, sizes)
     v_state: list[RuleState] = [{} for _ in groups]
     # p = Σ v_j accumulates in v_0's tensors (``outer`` is consumed); each v_j is added once
@@ -92,9 +94,14 @@ def _complete(
 ) -> tuple[list[list[Tensor]], list[RuleState]]:
     """The next term from each group's ``state_vjp``: ``H r`` added to the weight block
     (``state_vjp``'s own new tensors); ``r`` is dropped on return."""
-    products = _split(hvp([r for part in parts for r in part.grads]), sizes)
-    for part, hr in zip(parts, products, strict=True):
-        torch._foreach_add_(part.params, hr)
+    directions = [r for part in parts for r in part.grads]
+    add = getattr(hvp, "add_to", None)
+    if add is not None:  # into state_vjp's own new tensors, without a separate product
+        add(directions, [x for part in parts for x in part.params])
+    else:
+        products = _split(hvp(directions), sizes)
+        for part, hr in zip(parts, products, strict=True):
+            torch._foreach_add_(part.params, hr)
     return [part.params for part in parts], [part.state for part in parts]
 
 
@@ -118,6 +125,51 @@ def _add_term(
         torch._foreach_add_(acc, vp)
     for acc_s, vs in zip(p_state, v_state, strict=True):
         _accumulate(acc_s, vs)
+
+
+LEAN_ELEMENTS = 1 << 18
+"""From this many elements in the step's live parameters (1 MiB of float32), a series whose
+learned values are all per group or per tensor is reduced term by term
+(:func:`_term_by_term`): two or three parameter-sized sums fewer, for ``K`` more ``∂U/∂λ``
+products (element-wise work, and a few Python calls per piece)."""
+
+
+def _lean(groups: list[GroupSnapshot]) -> bool:
+    every_reduced = all(set(g.names) <= g.reduced for g in groups)
+    return every_reduced and sum(p.numel() for g in groups for p in g.live) >= LEAN_ELEMENTS
+
+
+def _term_by_term(
+    groups: list[GroupSnapshot],
+    outer: list[Tensor],
+    hvp: Callable[[list[Tensor]], list[Tensor]] | None,
+    neumann_steps: int,
+) -> ElementwiseHypergradients:
+    """The series with each term's ``v_j·∂U/∂λ`` reduced as it is made (by linearity, their
+    sum is ``p·∂U/∂λ``), so that no sum ``p`` is kept: the term, the product's direction and
+    its gradients are what the series holds; a rule with an in-place ``state_vjp_`` writes
+    each term into the previous one's tensors."""
+    sizes = [len(g.live) for g in groups]
+    v_params = [[_writable(x) for x in vp] for vp in _split(outer, sizes)]
+    v_state: list[RuleState] = [{} for _ in groups]
+    total = [
+        g.reduced_hyper_vjp(vp, vs) for g, vp, vs in zip(groups, v_params, v_state, strict=True)
+    ]
+    for _ in range(neumann_steps):
+        if hvp is None:
+            raise ValueError("neumann_steps > 0 needs Hessian-vector products")
+        parts = [
+            g.state_vjp(vp, vs, overwrite=True)
+            for g, vp, vs in zip(groups, v_params, v_state, strict=True)
+        ]
+        del v_params, v_state
+        v_params, v_state = _complete(parts, hvp, sizes)
+        del parts
+        for acc, g, vp, vs in zip(total, groups, v_params, v_state, strict=True):
+            for name, values in g.reduced_hyper_vjp(vp, vs).items():
+                for held, x in zip(acc[name], values, strict=True):
+                    held.add_(x)
+    return [GroupHypergradients(list(g.indices), t) for g, t in zip(groups, total, strict=True)]
 
 
 def _split(xs: list[Tensor], sizes: list[int]) -> list[list[Tensor]]:

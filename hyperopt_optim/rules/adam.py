@@ -173,7 +173,7 @@ class AdamRule:
         # the bias corrections are Python floats per parameter, as torch computes them.
         if not params:
             return
-        lr, b1, b2, eps, wd = (hp[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+        lr, b1, b2, wd = (hp[k] for k in ("lr", "beta1", "beta2", "weight_decay"))
         steps = present(state[_STEP])
         exp_avgs, exp_avg_sqs = present(state[_M]), present(state[_V])
         torch._foreach_add_(steps, 1)
@@ -197,23 +197,36 @@ class AdamRule:
             torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - b2)
         else:
             torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(g, one_minus(b2)), g)
-        src = exp_avg_sqs
         if flags["amsgrad"]:
-            src = present(state[_VMAX])
-            torch._foreach_maximum_(src, exp_avg_sqs)
-        b1s, b2s, lrs = as_list(b1, params), as_list(b2, params), as_list(lr, params)
-        bc2_sqrt = [(1 - b**t) ** 0.5 for b, t in zip(b2s, ts, strict=True)]
-        step_size = [x / (1 - b**t) for x, b, t in zip(lrs, b1s, ts, strict=True)]
-        denom = list(torch._foreach_sqrt(src))
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, eps)
-        scalar_sizes = [s for s in step_size if isinstance(s, float)]
-        if len(scalar_sizes) == len(step_size):
-            torch._foreach_addcdiv_(params, exp_avgs, denom, [-s for s in scalar_sizes])
-        else:
-            update = list(torch._foreach_div(exp_avgs, denom))
-            torch._foreach_mul_(update, step_size)
-            torch._foreach_sub_(params, update)
+            torch._foreach_maximum_(present(state[_VMAX]), exp_avg_sqs)
+        _move(params, state, hp, flags, ts)
+
+    def redo(
+        self,
+        params: list[Tensor],
+        point: list[Tensor],
+        grads: list[Tensor],
+        state_after: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+    ) -> None:
+        """Write into ``params`` the weights :meth:`step` made from ``point``, given the state
+        it left (``m'``, ``v'`` and the step count after it): the same operations, so the same
+        bits, without a copy of the stepped weights."""
+        if not params:
+            return
+        torch._foreach_copy_(params, point)
+        lr, wd = hp["lr"], hp["weight_decay"]
+        if not is_zero(wd) and flags["decoupled_weight_decay"]:
+            if isinstance(lr, float) and isinstance(wd, float):
+                torch._foreach_mul_(params, 1 - lr * wd)
+            else:
+                factors = [
+                    1 - x * y for x, y in zip(as_list(lr, params), as_list(wd, params), strict=True)
+                ]
+                torch._foreach_mul_(params, factors)  # type: ignore[arg-type]
+        ts = [float(s.item()) for s in present(state_after[_STEP])]
+        _move(params, state_after, hp, flags, ts)
 
     def reference(
         self,
@@ -398,6 +411,34 @@ class AdamRule:
                     raise ValueError(f"Adam has no learnable hyperparameter {name!r}")
                 out[name].append(val)
         return out
+
+
+def _move(
+    params: list[Tensor],
+    state: RuleState,
+    hp: dict[str, Hyper],
+    flags: dict[str, object],
+    ts: list[float],
+) -> None:
+    """The weights' move of torch's Adam from the moments after the step (``ts``: the step
+    counts after it): ``w −= lr/bc1 · m' / (sqrt(v')/sqrt(bc2) + eps)``, with AMSGrad's running
+    maximum for ``v'``.  Shared by :meth:`AdamRule.step` and :meth:`AdamRule.redo`."""
+    lr, b1, b2, eps = (hp[k] for k in ("lr", "beta1", "beta2", "eps"))
+    exp_avgs = present(state[_M])
+    src = present(state[_VMAX]) if flags["amsgrad"] else present(state[_V])
+    b1s, b2s, lrs = as_list(b1, params), as_list(b2, params), as_list(lr, params)
+    bc2_sqrt = [(1 - b**t) ** 0.5 for b, t in zip(b2s, ts, strict=True)]
+    step_size = [x / (1 - b**t) for x, b, t in zip(lrs, b1s, ts, strict=True)]
+    denom = list(torch._foreach_sqrt(src))
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    scalar_sizes = [s for s in step_size if isinstance(s, float)]
+    if len(scalar_sizes) == len(step_size):
+        torch._foreach_addcdiv_(params, exp_avgs, denom, [-s for s in scalar_sizes])
+    else:
+        update = list(torch._foreach_div(exp_avgs, denom))
+        torch._foreach_mul_(update, step_size)
+        torch._foreach_sub_(params, update)
 
 
 def _cotangents(

@@ -239,6 +239,33 @@ class SGDRule:
             d = add_scaled(d, present_bufs, mu) if flags["nesterov"] else present_bufs
         sub_scaled_(params, d, lr)
 
+    def redo(
+        self,
+        params: list[Tensor],
+        point: list[Tensor],
+        grads: list[Tensor],
+        state_after: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+    ) -> None:
+        """Write into ``params`` the weights :meth:`step` made from ``point`` and ``grads``,
+        given the buffers it left: the same operations, so the same bits, without a copy of
+        the stepped weights."""
+        if not params:
+            return
+        torch._foreach_copy_(params, point)
+        lr, mu, wd = hp["lr"], hp["momentum"], hp["weight_decay"]
+        uses_buffer = _uses_buffer(hp)
+        if uses_buffer and not flags["nesterov"]:
+            d = present(state_after[_BUFFER])
+        else:
+            d = list(torch._foreach_neg(grads)) if flags["maximize"] else grads
+            if not is_zero(wd):
+                d = add_scaled(d, params, wd)
+            if uses_buffer:
+                d = add_scaled(d, present(state_after[_BUFFER]), mu)
+        sub_scaled_(params, d, lr)
+
     def reference(
         self,
         params: list[Tensor],
@@ -357,6 +384,50 @@ class SGDRule:
         cot_params = [x.clone() for x in a_w] if is_zero(wd) else add_scaled(a_w, cot_g_hat, wd)
         grads = list(torch._foreach_neg(cot_g_hat)) if flags["maximize"] else cot_g_hat
         return StateCotangent(cot_params, out_state, grads)
+
+    def state_vjp_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+    ) -> StateCotangent:
+        """:meth:`state_vjp` written into the cotangent's own tensors where it can (the
+        weights' and the buffer's blocks): one new parameter-sized tensor, ``r``.  The caller
+        gives up the cotangent."""
+        bufs = state.get(_BUFFER, [None] * len(params))
+        if _uses_buffer(hp) and not all(b is not None for b in bufs):
+            return self.state_vjp(
+                params, grads, state, hp, flags, cotangent_params, cotangent_state
+            )
+        mu, wd = hp["momentum"], hp["weight_decay"]
+        a_w = cotangent_params
+        neg_lr = _negate(hp["lr"])
+        out_state: RuleState = {}
+        if not _uses_buffer(hp):
+            cot_g_hat = list(torch._foreach_mul(a_w, neg_lr))
+        else:
+            dampening = float(flags["dampening"])  # type: ignore[arg-type]
+            coefficient = _product(neg_lr, mu) if flags["nesterov"] else neg_lr
+            a_b = cotangent_state.get(_BUFFER)
+            if a_b is None:  # v_0 has no state block
+                cot_new_b = list(torch._foreach_mul(a_w, coefficient))
+            else:
+                cot_new_b = present(a_b)
+                add_scaled_(cot_new_b, a_w, coefficient)
+            cot_g_hat = list(torch._foreach_mul(cot_new_b, 1 - dampening))
+            if flags["nesterov"]:
+                add_scaled_(cot_g_hat, a_w, neg_lr)
+            torch._foreach_mul_(cot_new_b, mu)
+            out_state[_BUFFER] = list(cot_new_b)
+        if not is_zero(wd):
+            add_scaled_(a_w, cot_g_hat, wd)
+        if flags["maximize"]:
+            torch._foreach_neg_(cot_g_hat)
+        return StateCotangent(list(a_w), out_state, cot_g_hat)
 
     def hyper_vjp(
         self,
