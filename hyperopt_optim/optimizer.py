@@ -488,7 +488,12 @@ class HyperOptimizer(Optimizer):
         # under DDP, whose buckets the next backward may write into in place.
         fd = plan.products > 0 and self._closures.finite_differences
         distributed = self._closures.replicas is not None
-        copies = {"params": plan.copy or fd, "state": plan.copy, "grads": fd and distributed}
+        copies = {
+            "params": plan.copy or fd,
+            "state": plan.copy,
+            "grads": fd and distributed,
+            "after": plan.after and not plan.products,
+        }
         try:
             if plan.snapshot:
                 ctx.groups = [self._snapshot(i, *view, copies) for i, view in enumerate(views)]
@@ -748,6 +753,14 @@ class HyperOptimizer(Optimizer):
         """Group ``index`` at ``z_t``: copies of the parts ``copies`` names, else the live
         tensors."""
         group = self.param_groups[index]
+        names = tuple(self._hyper.groups[index])
+        flags = {k: group[k] for k in self.flag_names}
+        hp = self._hyper_values(index, indices)
+        can_after = getattr(self.rule, "can_vjp_after", None)
+        if copies["after"] and can_after is not None and can_after(names, hp, flags):
+            copies = {**copies, "params": False, "state": False}  # read after the update
+        else:
+            copies = {**copies, "after": False}
         with torch.no_grad():
             return GroupSnapshot(
                 rule=self.rule,
@@ -755,14 +768,17 @@ class HyperOptimizer(Optimizer):
                 indices=list(indices),
                 params=[p.detach().clone() if copies["params"] else p.detach() for p in params],
                 grads=[g.detach().clone() if copies["grads"] else g.detach() for g in grads],
-                state={
+                state=state  # the live buffers, read after the update
+                if copies["after"]
+                else {
                     k: [x.clone() if copies["state"] and x is not None else x for x in xs]
                     for k, xs in state.items()
                 },
-                hp=self._hyper_values(index, indices),
-                flags={k: group[k] for k in self.flag_names},
-                names=tuple(self._hyper.groups[index]),
+                hp=hp,
+                flags=flags,
+                names=names,
                 live_state=state,
+                after=copies["after"],
                 reduced=frozenset(
                     name
                     for name, lv in self._hyper.groups[index].items()

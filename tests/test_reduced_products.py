@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from hyperopt_optim import HyperAdam, HyperAdamW, HyperSGD
 from hyperopt_optim.hypergradients import _base, onepass
-from hyperopt_optim.rules import SGDRule
+from hyperopt_optim.rules import AdamRule, SGDRule
 
 SGD_ALL = ("lr", "momentum", "weight_decay")
 ADAM_ALL = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -158,3 +158,103 @@ def test_sgd_in_place_state_vjp_equals_state_vjp(
     ]
     for g, w in pairs:
         torch.testing.assert_close(g, w, rtol=1e-15, atol=0.0)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("state_block", [False, True])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_adam_in_place_state_vjp_equals_state_vjp(
+    amsgrad: bool, decoupled: bool, maximize: bool, state_block: bool, per_tensor: bool
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 4), (5,)]
+
+    def draw() -> list[Tensor]:
+        return [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+    rule = AdamRule()
+    flags = {"amsgrad": amsgrad, "maximize": maximize, "decoupled_weight_decay": decoupled}
+    params, grads, a_w = draw(), draw(), draw()
+    state = rule.init_state(params, flags)
+    state["exp_avg"] = draw()
+    state["exp_avg_sq"] = [x.abs() for x in draw()]
+    if amsgrad:
+        state["max_exp_avg_sq"] = [x.abs() for x in draw()]
+    state["step"] = [torch.tensor(3.0), torch.tensor(3.0)]
+    hp: dict[str, Any] = {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "eps": 1e-3, "weight_decay": 0.1}
+    if per_tensor:
+        hp["lr"] = [
+            torch.tensor(0.01, dtype=torch.float64),
+            torch.tensor(0.02, dtype=torch.float64),
+        ]
+        hp["beta1"] = [torch.full(s, 0.8, dtype=torch.float64) for s in shapes]
+    cot_state: dict[str, Any] = {}
+    if state_block:
+        cot_state = {"exp_avg": draw(), "exp_avg_sq": draw()}
+        if amsgrad:
+            cot_state["max_exp_avg_sq"] = draw()
+    want = rule.state_vjp(params, grads, state, hp, flags, a_w, cot_state)
+    given = [x.clone() for x in a_w], {k: [x.clone() for x in v] for k, v in cot_state.items()}
+    got = rule.state_vjp_(params, grads, state, hp, flags, *given)
+    pairs = [*zip(got.params, want.params, strict=True), *zip(got.grads, want.grads, strict=True)]
+    assert set(got.state) == set(want.state)
+    for name in want.state:
+        for g, w in zip(got.state[name], want.state[name], strict=True):
+            if w is None:
+                assert g is None
+            else:
+                pairs.append((g, w))
+    for g, w in pairs:
+        torch.testing.assert_close(g, w, rtol=1e-15, atol=0.0)
+
+
+AFTER_CASES = [
+    (HyperSGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}, ("lr",)),
+    (HyperSGD, {"lr": 0.05, "momentum": 0.7, "dampening": 0.2, "maximize": True}, ("lr",)),
+    (HyperAdam, {"lr": 0.01, "weight_decay": 0.01}, ("lr",)),
+    (HyperAdam, {"lr": 0.01, "amsgrad": True}, ("lr", "eps")),
+    (HyperAdamW, {"lr": 0.01, "weight_decay": 0.0}, ("lr", "eps")),
+    (HyperAdamW, {"lr": 0.01, "weight_decay": 0.01}, ("eps",)),
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "learn"), AFTER_CASES)
+@pytest.mark.parametrize("granularity", ["scalar", "tensor", "element"])
+def test_greedy_from_the_state_after_the_step_is_bitwise_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+    cls: type,
+    kwargs: dict[str, Any],
+    learn: tuple[str, ...],
+    granularity: str,
+) -> None:
+    """Greedy's ``∂U/∂λ`` product read from the buffers the update leaves (no copy of the
+    point: ``GroupSnapshot.after``) equals the one at a copied point.  Not always bit for bit:
+    at the point, Adam recomputes ``ĝ = g + ξw`` with two roundings where the step's foreach
+    kernel takes one (the state after the step is the step's own arithmetic)."""
+    seen: list[bool] = []
+    after_update = onepass.OnePass.after_update
+
+    def spy(self: onepass.OnePass, ctx: Any) -> Any:
+        if ctx.groups is not None:
+            seen.extend(g.after for g in ctx.groups)
+        return after_update(self, ctx)
+
+    monkeypatch.setattr(onepass.OnePass, "after_update", spy)
+    lean = _run(cls, kwargs, learn, granularity, "greedy")
+    assert seen
+    assert all(seen)
+    seen.clear()
+    monkeypatch.setattr(cls.rule, "can_vjp_after", lambda *args: False, raising=False)
+    copied = _run(cls, kwargs, learn, granularity, "greedy")
+    assert seen
+    assert not any(seen)
+    for got_group, want_group in zip(lean[0], copied[0], strict=True):
+        for name, want in want_group.items():
+            got = got_group[name]
+            pairs = [(got, want)] if isinstance(want, Tensor) else zip(got, want, strict=True)
+            for g, w in pairs:
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-16, msg=name)
+    for got, want in zip(lean[2], copied[2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-16)

@@ -31,7 +31,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .._learned import LearnedValue
-from ..rules._base import Hyper, RuleState, UpdateRule, linearise, present, state_vjp
+from ..rules._base import (
+    Hyper,
+    RuleState,
+    StateCotangent,
+    UpdateRule,
+    linearise,
+    present,
+    state_vjp,
+)
 
 if TYPE_CHECKING:
     from ..schedules import Schedules
@@ -107,6 +115,9 @@ class GroupSnapshot:
     #: the live state the update writes (the optimizer's buffers), which after the update
     #: holds the state after the step (see :meth:`redo`)
     live_state: RuleState = field(default_factory=dict)
+    #: ``params`` and ``state`` are the live tensors, read after the update: ``∂U/∂λ``
+    #: products come from the rule's ``hyper_vjp_after`` (no copy of the point was taken)
+    after: bool = False
     #: the learned names whose hypergradient is reduced to one value per tensor (scalar and
     #: tensor granularity): :meth:`reduced_hyper_vjp` sums them as it makes them
     reduced: frozenset[str] = frozenset()
@@ -123,10 +134,7 @@ class GroupSnapshot:
         ``state_vjp_`` (SGD's) writes the result into."""
         in_place = getattr(self.rule, "state_vjp_", None) if overwrite else None
         if in_place is not None:
-            return in_place(
-                self.params, self.grads, self.state, self.hp, self.flags,
-                cotangent_params, cotangent_state,
-            )  # fmt: skip
+            return self._in_pieces(in_place, cotangent_params, cotangent_state)
         if not self.linearised:
             self.linear = linearise(
                 self.rule, self.params, self.grads, self.state, self.hp, self.flags
@@ -156,10 +164,77 @@ class GroupSnapshot:
         self, cotangent_params: list[Tensor], cotangent_state: RuleState
     ) -> dict[str, list[Tensor]]:
         """The rule's ``hyper_vjp`` at this point: element-wise, one tensor per parameter."""
+        if self.after:
+            raise RuntimeError("a snapshot of the live tensors takes reduced_hyper_vjp only")
         return self.rule.hyper_vjp(
             self.params, self.grads, self.state, self.hp, self.flags,
             cotangent_params, cotangent_state, self.names,
         )  # fmt: skip
+
+    def _slicing(
+        self, cotangent_params: list[Tensor], cotangent_state: RuleState
+    ) -> tuple[list[int], list[list[tuple[int, int, int]]]]:
+        """The parameters' sizes and the calls of :func:`_pieces` for this group: pieces of
+        about an eighth of it, at least :data:`REDUCE_CHUNK` elements."""
+        numels = [p.numel() for p in self.params]
+        chunk = max(REDUCE_CHUNK, -(-sum(numels) // 8))
+        buffers = [*self.state.values(), *cotangent_state.values()]
+        learned = [h for h in self.hp.values() if not isinstance(h, float | int)]
+        sliceable = [
+            all(_sliceable(x, n) for x in (p, g, c))
+            and all(_sliceable(xs[i], n) for xs in buffers)
+            and all(_sliceable(h[i], n) for h in learned)
+            for i, (n, p, g, c) in enumerate(
+                zip(numels, self.params, self.grads, cotangent_params, strict=True)
+            )
+        ]
+        return numels, _pieces(numels, sliceable, chunk)
+
+    def _in_pieces(
+        self,
+        in_place: Callable[..., StateCotangent],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+    ) -> StateCotangent:
+        """A rule's in-place ``state_vjp_`` on pieces of the flattened tensors (the rules are
+        element-wise): the temporaries of one piece at a time, however large a tensor.  The
+        weights' and given state blocks are written through the pieces' views; ``r`` and new
+        state blocks are put together."""
+        numels, calls = self._slicing(cotangent_params, cotangent_state)
+        if len(calls) <= 1:
+            return in_place(
+                self.params, self.grads, self.state, self.hp, self.flags,
+                cotangent_params, cotangent_state,
+            )  # fmt: skip
+        count = len(self.params)
+        grads: list[Tensor | None] = [None] * count
+        state: dict[str, list[Tensor | None]] = {}
+        for pieces in calls:
+            view = _View(pieces, numels)
+            given = view.state(cotangent_state)
+            part = in_place(
+                view.tensors(self.params), view.tensors(self.grads), view.state(self.state),
+                view.hyper(self.hp), self.flags, view.tensors(cotangent_params), given,
+            )  # fmt: skip
+            targets = view.tensors(cotangent_params)
+            for target, x in zip(targets, part.params, strict=True):
+                if x.data_ptr() != target.data_ptr():
+                    target.copy_(x)
+            _place_pieces(grads, pieces, part.grads, self.params)
+            for name, xs in part.state.items():
+                held = given.get(name)
+                full = state.setdefault(name, list(cotangent_state.get(name, [None] * count)))
+                for k, ((i, a, b), y) in enumerate(zip(pieces, xs, strict=True)):
+                    into = None if held is None else held[k]
+                    if y is None:
+                        continue
+                    if into is not None:
+                        if y.data_ptr() != into.data_ptr():
+                            into.copy_(y)
+                        continue
+                    _place_pieces(full, [(i, a, b)], [y], self.params)
+            del part, given, targets
+        return StateCotangent(list(cotangent_params), state, present(grads))
 
     def reduced_hyper_vjp(
         self, cotangent_params: list[Tensor], cotangent_state: RuleState
@@ -173,20 +248,9 @@ class GroupSnapshot:
         ``hyper_vjp`` (several per learned name) shrink to those of one piece.  Names at
         ``"element"`` granularity are written into tensors of the parameters' shapes.
         """
-        if not self.reduced or not self.params:
+        if not self.params or (not self.reduced and not self.after):
             return self.hyper_vjp(cotangent_params, cotangent_state)
-        numels = [p.numel() for p in self.params]
-        chunk = max(REDUCE_CHUNK, -(-sum(numels) // 8))
-        buffers = [*self.state.values(), *cotangent_state.values()]
-        learned = [h for h in self.hp.values() if not isinstance(h, float | int)]
-        sliceable = [
-            all(_sliceable(x, n) for x in (p, g, c))
-            and all(_sliceable(xs[i], n) for xs in buffers)
-            and all(_sliceable(h[i], n) for h in learned)
-            for i, (n, p, g, c) in enumerate(
-                zip(numels, self.params, self.grads, cotangent_params, strict=True)
-            )
-        ]
+        numels, calls = self._slicing(cotangent_params, cotangent_state)
         sums: dict[str, list[Tensor]] = {}
         full: dict[str, list[Tensor | None]] = {}
         for name in self.names:
@@ -196,26 +260,25 @@ class GroupSnapshot:
                 ]
             else:
                 full[name] = [None] * len(self.params)
-        for pieces in _pieces(numels, sliceable, chunk):
+        for pieces in calls:
             view = _View(pieces, numels)
-            out = self.rule.hyper_vjp(
-                view.tensors(self.params), view.tensors(self.grads), view.state(self.state),
-                view.hyper(self.hp), self.flags, view.tensors(cotangent_params),
-                view.state(cotangent_state), self.names,
-            )  # fmt: skip
+            if self.after:
+                out = self.rule.hyper_vjp_after(  # type: ignore[attr-defined]
+                    view.tensors(self.params), view.tensors(self.grads), view.state(self.state),
+                    view.hyper(self.hp), self.flags, view.tensors(cotangent_params), self.names,
+                )  # fmt: skip
+            else:
+                out = self.rule.hyper_vjp(
+                    view.tensors(self.params), view.tensors(self.grads), view.state(self.state),
+                    view.hyper(self.hp), self.flags, view.tensors(cotangent_params),
+                    view.state(cotangent_state), self.names,
+                )  # fmt: skip
             for name, values in out.items():
                 for (i, a, b), x in zip(pieces, values, strict=True):
                     if name in sums:
                         sums[name][i] += x.sum(dtype=torch.float64)
-                    elif a == 0 and b == numels[i]:
-                        full[name][i] = x
                     else:
-                        target = full[name][i]
-                        if target is None:
-                            like = self.params[i]
-                            target = torch.empty(like.shape, dtype=x.dtype, device=x.device)
-                            full[name][i] = target
-                        target.view(-1)[a:b].copy_(x.reshape(-1))
+                        _place_pieces(full[name], [(i, a, b)], [x], self.params)
             del out
         return {name: sums[name] if name in sums else present(full[name]) for name in self.names}
 
@@ -223,6 +286,25 @@ class GroupSnapshot:
 REDUCE_CHUNK = 1 << 15
 """The smallest piece, in elements, that :meth:`GroupSnapshot.reduced_hyper_vjp` slices a
 group into (smaller groups run in one piece: one call, no Python loop on the hot path)."""
+
+
+def _place_pieces(
+    full: list[Tensor | None],
+    pieces: list[tuple[int, int, int]],
+    xs: list[Tensor],
+    like: list[Tensor],
+) -> None:
+    """Put each piece's tensor where it belongs in ``full`` (one tensor per parameter): a
+    whole parameter's as it is, a slice into a new tensor of the parameter's shape."""
+    for (i, a, b), x in zip(pieces, xs, strict=True):
+        if a == 0 and b == like[i].numel():
+            full[i] = x
+            continue
+        target = full[i]
+        if target is None:
+            target = torch.empty(like[i].shape, dtype=x.dtype, device=x.device)
+            full[i] = target
+        target.view(-1)[a:b].copy_(x.reshape(-1))
 
 
 def _pieces(
@@ -285,11 +367,16 @@ class StepPlan:
             them after the update); else the live tensors (read before the update only).
         products: Hessian-vector products the method will take on this step's batch (0:
             none); decides whether the closure keeps a graph for exact products.
+        after: the hooks take ``∂U/∂λ`` products only through
+            :meth:`GroupSnapshot.reduced_hyper_vjp` after the update, so where the rule can
+            take them from the state the update leaves (``hyper_vjp_after``), the snapshot
+            holds the live tensors instead of copies (:attr:`GroupSnapshot.after`).
     """
 
     snapshot: bool = False
     copy: bool = True
     products: int = 0
+    after: bool = False
 
 
 class Products(Protocol):

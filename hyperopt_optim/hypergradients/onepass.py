@@ -220,7 +220,11 @@ class OnePass(HypergradientMethod):
     def plan(self, step: int) -> StepPlan:
         if (step + 1) % self.update_interval != 0:
             return StepPlan()
-        return StepPlan(snapshot=True, copy=True, products=self.neumann_steps)
+        # greedy: one ∂U/∂λ product after the update, which some rules take from the state it
+        # leaves (no copy of the point)
+        return StepPlan(
+            snapshot=True, copy=True, products=self.neumann_steps, after=self.neumann_steps == 0
+        )
 
     def after_update(self, ctx: StepContext) -> ElementwiseHypergradients | None:
         if ctx.groups is None:
@@ -230,4 +234,6 @@ class OnePass(HypergradientMethod):
         if outer is None:
             return None
         steps = self.neumann_steps if ctx.hvp is not None else 0
+        if any(g.after for g in ctx.groups):
+            steps = 0  # the snapshot holds no point (a greedy plan)
         return neumann_hypergradient(ctx.groups, outer, ctx.hvp, steps)

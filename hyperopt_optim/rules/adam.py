@@ -201,6 +201,41 @@ class AdamRule:
             torch._foreach_maximum_(present(state[_VMAX]), exp_avg_sqs)
         _move(params, state, hp, flags, ts)
 
+    def can_vjp_after(
+        self, names: tuple[str, ...], hp: dict[str, Hyper], flags: dict[str, object]
+    ) -> bool:
+        """Whether :meth:`hyper_vjp_after` gives ``names``' products: lr and eps act on the
+        weights through ``m'`` and ``v'`` alone (AdamW's decay of lr also reads ``w``)."""
+        decays = flags["decoupled_weight_decay"] and not is_zero(hp["weight_decay"])
+        return set(names) <= {"lr", "eps"} and not ("lr" in names and decays)
+
+    def hyper_vjp_after(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state_after: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        names: tuple[str, ...],
+    ) -> dict[str, list[Tensor]]:
+        """``a·∂U/∂λ`` for lr and eps from the moments the step left (``m'``, ``v'`` or
+        AMSGrad's maximum, the step count after it): :func:`_direct_hyper_vjp`'s closed forms
+        on the very tensors it recomputes."""
+        if not self.can_vjp_after(names, hp, flags):
+            raise ValueError(f"Adam's products from the state after the step do not cover {names}")
+        src_name = _VMAX if flags["amsgrad"] else _V
+        out: dict[str, list[Tensor]] = {name: [] for name in names}
+        for i, a_w in enumerate(cotangent_params):
+            t = float(present(state_after[_STEP])[i])
+            lr, b1, b2, eps, _ = AdamRule._hyper_at(hp, params, i)
+            bc1 = 1 - b1**t
+            denom = present(state_after[src_name])[i].sqrt().div_((1 - b2**t) ** 0.5).add_(eps)
+            scaled = present(state_after[_M])[i].mul(a_w).div_(denom)
+            for name in names:
+                out[name].append(-scaled / bc1 if name == "lr" else scaled * (lr / bc1) / denom)
+        return out
+
     def redo(
         self,
         params: list[Tensor],
@@ -363,6 +398,45 @@ class AdamRule:
             out_state[_VMAX] = cot_vmax
         return StateCotangent(cot_params, out_state, cot_grads)
 
+    def state_vjp_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+    ) -> StateCotangent:
+        """:meth:`state_vjp` parameter by parameter, each step's linearisation made when it is
+        needed and the result written into the cotangent's own tensors: beyond the cotangent,
+        ``r`` (and the state blocks of a first term, which has none) is all it allocates
+        (no linearisation is kept: the step is recomputed per call).  The caller gives up the
+        cotangent."""
+        decoupled = bool(flags["decoupled_weight_decay"])
+        sign = -1.0 if flags["maximize"] else 1.0
+        given_m, given_v = cotangent_state.get(_M), cotangent_state.get(_V)
+        cot_m: list[Tensor | None] = []
+        cot_v: list[Tensor | None] = []
+        cot_vmax: list[Tensor | None] = []
+        cot_grads: list[Tensor] = []
+        for i, a_w in enumerate(cotangent_params):
+            f = self._point(params, grads, state, hp, flags, i).linear
+            c_m, c_v, c_vmax_old, c_g_hat = _cotangents(f, a_w, cotangent_state, i)
+            if decoupled:
+                a_w.mul_(1 - f.lr * f.wd)
+            else:
+                a_w.add_(f.wd * c_g_hat)
+            cot_m.append(_scaled_into(given_m, i, c_m, f.b1))
+            cot_v.append(_scaled_into(given_v, i, c_v, f.b2))
+            cot_vmax.append(c_vmax_old)
+            cot_grads.append(c_g_hat.mul_(sign) if sign != 1.0 else c_g_hat)
+            del f, c_m, c_v, c_vmax_old, c_g_hat
+        out_state: RuleState = {_M: cot_m, _V: cot_v}
+        if flags["amsgrad"]:
+            out_state[_VMAX] = cot_vmax
+        return StateCotangent(list(cotangent_params), out_state, cot_grads)
+
     def hyper_vjp(
         self,
         params: list[Tensor],
@@ -439,6 +513,17 @@ def _move(
         update = list(torch._foreach_div(exp_avgs, denom))
         torch._foreach_mul_(update, step_size)
         torch._foreach_sub_(params, update)
+
+
+def _scaled_into(
+    given: list[Tensor | None] | None, i: int, c: Tensor, scale: Tensor | float
+) -> Tensor:
+    """``scale·c``, written into the given cotangent's tensor ``i`` where there is one (it
+    is not read again), else a new tensor."""
+    held = None if given is None else given[i]
+    if held is None:
+        return scale * c
+    return torch.mul(c, scale, out=held) if isinstance(scale, float) else held.copy_(c).mul_(scale)
 
 
 def _cotangents(

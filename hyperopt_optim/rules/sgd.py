@@ -239,6 +239,31 @@ class SGDRule:
             d = add_scaled(d, present_bufs, mu) if flags["nesterov"] else present_bufs
         sub_scaled_(params, d, lr)
 
+    def can_vjp_after(
+        self, names: tuple[str, ...], hp: dict[str, Hyper], flags: dict[str, object]
+    ) -> bool:
+        """Whether :meth:`hyper_vjp_after` gives ``names``' products: the learning rate alone
+        with heavy-ball momentum, whose step's direction is the buffer the update leaves."""
+        return tuple(names) == ("lr",) and _uses_buffer(hp) and not flags["nesterov"]
+
+    def hyper_vjp_after(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state_after: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        names: tuple[str, ...],
+    ) -> dict[str, list[Tensor]]:
+        """``a_w·∂w'/∂η = −a_w·b'`` from the buffer after the step (see :meth:`can_vjp_after`):
+        the same bits as :meth:`hyper_vjp` at the point, which recomputes ``b'``."""
+        if not self.can_vjp_after(names, hp, flags):
+            raise ValueError(f"SGD's products from the state after the step do not cover {names}")
+        out = list(torch._foreach_mul(present(state_after[_BUFFER]), cotangent_params))
+        torch._foreach_neg_(out)
+        return {"lr": out}
+
     def redo(
         self,
         params: list[Tensor],
