@@ -37,6 +37,7 @@ import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -45,7 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from torch.nn.functional import cross_entropy
 
 import hyperopt_optim
 from hyperopt_optim import HyperAdam, HyperOptimizer, HyperSGD
+from hyperopt_optim.hypergradients import onepass
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEUMANN_STEPS = 4  # K
@@ -144,6 +146,10 @@ class Variant:
     update_interval: int = UPDATE_INTERVAL
     windows: int | None = None  # method="forward": values per name over FORWARD_HORIZON steps
     family: str = "sgd"  # "sgd": HyperSGD against torch.optim.SGD; "adam": HyperAdam, Adam
+    learn: tuple[str, ...] | None = None  # HyperSGD: None for LEARN
+    batch_fraction: float = 1.0  # hvp_batch_fraction
+    # the lean series that models from onepass.LEAN_ELEMENTS weights take, forced on this model
+    lean: bool = False
 
     @property
     def neumann_steps(self) -> int:
@@ -177,12 +183,14 @@ class Variant:
             if self.method == "forward"
             else {"granularity": self.granularity, "neumann_steps": self.neumann_steps}
         )
+        if self.batch_fraction != 1.0:
+            extra["hvp_batch_fraction"] = self.batch_fraction
         return HyperSGD(
             model.parameters(),
             lr=LR,
             momentum=MOMENTUM,
             weight_decay=WEIGHT_DECAY,
-            learn=LEARN,
+            learn=LEARN if self.learn is None else self.learn,
             method=self.method,
             update_interval=self.update_interval,
             hvp=self.hvp,
@@ -200,9 +208,11 @@ class Variant:
             # validation forward-backward every T steps
             product = c["autograd"] if self.hvp == "autograd_batched" else c[self.hvp]
             return c["graph_factor"] + product * c["forward_active"] + 1 / self.update_interval
-        k, t = self.neumann_steps, self.update_interval
+        k, t, f = self.neumann_steps, self.update_interval, self.batch_fraction
         cost = c[self.hvp] if k else 0.0
-        return 1 + (1 + cost * k) / t
+        # on a part of the batch, forward differences also evaluate its gradient at the point
+        at_point = f if f < 1 and k and self.hvp == "forward_difference" else 0.0
+        return 1 + (1 + cost * k * f + at_point) / t
 
 
 BASELINE = Variant("torch.optim.SGD")
@@ -211,11 +221,19 @@ VARIANTS = [
     # HyperSGD's plain step with no hyper-step inside the timed window: its fixed cost per step.
     Variant("HyperSGD, no hyper-step", "greedy", update_interval=10**9),
     Variant("greedy, scalar", "greedy"),
+    Variant("greedy, scalar, lr only", "greedy", learn=("lr",)),
     Variant("greedy, element", "greedy", granularity="element"),
     *(
         Variant(f"ift, {g}, {h}", "ift", granularity=g, hvp=h)
         for g in ("scalar", "element")
         for h in ("autograd", "finite_difference", "forward_difference")
+    ),
+    # the lean series of models from 4M weights, forced here
+    Variant("ift, scalar, finite_difference, lean", "ift", hvp="finite_difference", lean=True),
+    # the series' products on a quarter of the batch (hvp_batch_fraction)
+    *(
+        Variant(f"ift, scalar, {h}, 1/4 batch", "ift", hvp=h, batch_fraction=0.25)
+        for h in ("finite_difference", "forward_difference")
     ),
     # forward mode, online: 3 names x 5 windows = 15 tangent columns over a horizon of 60
     # steps (warm-up + timed), exact products by double backward, column by column or batched
@@ -228,6 +246,13 @@ VARIANTS = [
     *(
         Variant(f"Adam: ift, scalar, {h}", "ift", hvp=h, family="adam")
         for h in ("autograd", "finite_difference", "forward_difference")
+    ),
+    Variant(
+        "Adam: ift, scalar, finite_difference, lean",
+        "ift",
+        hvp="finite_difference",
+        family="adam",
+        lean=True,
     ),
     Variant(
         "Adam: ift, element, finite_difference",
@@ -252,6 +277,86 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def stepper(
+    variant: Variant, work: Workload, model: nn.Module, opt: torch.optim.Optimizer
+) -> Callable[[], None]:
+    """One training step of ``variant`` on the workload's batch."""
+    x, y = work.x, work.y
+
+    def closure(batch_fraction: float = 1.0) -> Tensor:
+        n = math.ceil(batch_fraction * len(x))  # hvp_batch_fraction: the batch's first part
+        loss = cross_entropy(model(x[:n]), y[:n])
+        if variant.torch_closure:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    def val_closure() -> Tensor:
+        return cross_entropy(model(work.x_val), work.y_val)
+
+    def step() -> None:
+        if variant.method is None:
+            opt.step(closure)
+        elif variant.lean:
+            with lean_series():
+                opt.step(closure, val_closure=val_closure)
+        else:
+            opt.step(closure, val_closure=val_closure)
+
+    return step
+
+
+@contextlib.contextmanager
+def lean_series() -> Iterator[None]:
+    """The memory-lean hyper-step of large models (the series reduced term by term, products
+    in pieces), whatever the model's size."""
+    saved = onepass.LEAN_ELEMENTS
+    onepass.LEAN_ELEMENTS = 0
+    try:
+        yield
+    finally:
+        onepass.LEAN_ELEMENTS = saved
+
+
+def hyper_step_bytes(variant: Variant, work: Workload, device: torch.device) -> int | None:
+    """The peak of live tensor memory during one hyper-step, above what was live before it:
+    on CPU from the allocator's events (``torch.profiler`` with ``profile_memory``), on CUDA
+    ``max_memory_allocated``.  Exact and deterministic, unlike the resident set: what the
+    step itself holds at once, in bytes.  The step measured is the second hyper-step (step
+    ``2T``), after as many plain steps; for torch's optimizers, the same step."""
+    model = work.model(device)
+    opt = variant.build(model)
+    step = stepper(variant, work, model, opt)
+    for _ in range(2 * UPDATE_INTERVAL - 1):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events: list[tuple[int, int]] = []
+
+    def walk(node: Any) -> None:
+        if node.tag == torch._C._profiler._EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():  # type: ignore[union-attr]
+        walk(root)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
 def run(
     variant: Variant,
     work: Workload,
@@ -268,29 +373,8 @@ def run(
         torch.cuda.reset_peak_memory_stats(device)
         memory_before = torch.cuda.memory_allocated(device)
     opt = variant.build(model)
-    x, y = work.x, work.y
 
-    if variant.torch_closure:
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-    else:
-
-        def closure() -> Tensor:
-            return cross_entropy(model(x), y)
-
-    def val_closure() -> Tensor:
-        return cross_entropy(model(work.x_val), work.y_val)
-
-    def step() -> None:
-        if variant.method is None:
-            opt.step(closure)
-        else:
-            opt.step(closure, val_closure=val_closure)
+    step = stepper(variant, work, model, opt)
 
     for _ in range(warmup):
         step()
@@ -525,8 +609,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 peak = cpu_memory(name, variant, args.warmup, args.steps, torch.get_num_threads())
                 if peak is not None:
                     peaks[variant.name].append(peak)
+        param_bytes = sum(p.numel() * p.element_size() for p in work.model(device).parameters())
+        step_bytes = {v.name: hyper_step_bytes(v, work, device) for v in variants}
         rows = []
         for variant in variants:
+            held = step_bytes[variant.name]
+            held_base = step_bytes[baseline(variant).name]
             base = peaks[baseline(variant).name]
             base_peak = statistics.median(base) if base else None
             peak = statistics.median(peaks[variant.name]) if peaks[variant.name] else None
@@ -548,6 +636,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     "ratio_over_floor": None if floor is None else ratio / floor,
                     "peak_bytes": peak,
                     "memory_ratio": None if peak is None or not base_peak else peak / base_peak,
+                    "hyper_step_bytes": held,
+                    "hyper_step_copies": None if held is None else held / param_bytes,
+                    "copies_beyond_torch": None
+                    if held is None or held_base is None
+                    else (held - held_base) / param_bytes,
                     "hyper_state_after_last_run": states.get(variant.name),
                 }
             )
@@ -605,6 +698,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"- HyperAdam (rows 'Adam: ...'): learn lr (the default) from lr={ADAM_LR}, "
         f"weight_decay={cfg['weight_decay']}; the same K and T; memory ratio against Adam's",
         f"- peak memory: {memory}",
+        "- copies at a hyper-step: the peak of live tensor memory during one hyper-step (the "
+        "second, step 2T) above what was live before it, in parameter-sized copies (float32 "
+        "weights); on CPU from the allocator's events (torch.profiler, profile_memory), on "
+        "CUDA max_memory_allocated; deterministic. 'beyond torch's step': that minus the same "
+        "figure for the torch optimizer's step (SGD or Adam): what the hyper-step holds that "
+        "torch.optim's step does not",
+        "- '1/4 batch': hvp_batch_fraction=0.25, the series' products on the batch's first "
+        "quarter; floor 1 + (1 + c·K/4 (+ 1/4 for forward differences' gradient at the "
+        "point))/T",
         "- floor: 1 + (1 + c·K)/T forward-backward passes per step; c = 1 (forward "
         "differences), 2 (central), measured for autograd (below); greedy: 1 + 1/T; forward "
         "mode: (keeping the graph) + c·(mean active tangent columns) + 1/T, products counted "
@@ -621,8 +723,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"x{c['c_autograd']:.2f} a forward-backward, so c(autograd) = {c['c_autograd']:.2f}.",
             "",
             "| configuration | hvp | closure | ms / step | time ratio [min-max] | floor "
-            "| ratio / floor | peak MB | memory ratio |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            "| ratio / floor | peak MB | memory ratio | copies at a hyper-step "
+            "| beyond torch's step |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in block["rows"]:
             hvp = row["hvp"] if row["method"] in ("ift", "forward") else "-"
@@ -632,7 +735,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {row['time_ratio_median']:.2f} [{row['time_ratio_min']:.2f}-"
                 f"{row['time_ratio_max']:.2f}] | {_x(row['floor'])} "
                 f"| {_x(row['ratio_over_floor'])} | {_mb(row['peak_bytes'])} "
-                f"| {_x(row['memory_ratio'])} |"
+                f"| {_x(row['memory_ratio'])} | {_x(row.get('hyper_step_copies'), 1)} "
+                f"| {_x(row.get('copies_beyond_torch'), 1)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -11,6 +11,7 @@ with, so a method never reaches into the optimizer itself.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, cast
@@ -131,7 +132,7 @@ class LearnedHyperparameters:
         """Chain ``dL/dλ`` (one value per learned value) into ``φ`` and step the hyper-optimizer;
         ``False`` (skipped, counted and warned) when a hypergradient is not finite."""
         flat = [x for group in natural for xs in group.values() for x in xs]
-        if flat and not bool(torch.stack([torch.isfinite(x).all().cpu() for x in flat]).all()):
+        if not _all_finite(flat):
             self.skip("a hypergradient is not finite")
             return False
         if record:
@@ -146,7 +147,8 @@ class LearnedHyperparameters:
                     lv.phi, lv.chain(grads[name], value_of(group, name)), strict=True
                 ):
                     phi.grad = g.to(phi.dtype)
-                    before.append(phi.clone())
+                    # one value on the host: its float (no tensor operations to compare)
+                    before.append(float(phi) if _host_scalar(phi) else phi.clone())
         with torch.no_grad():
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -154,7 +156,7 @@ class LearnedHyperparameters:
         for index, (group, learned) in enumerate(zip(self.param_groups, self.groups, strict=True)):
             for lv in learned.values():
                 lv.clip_()
-                changed = [phi != next(moved) for phi in lv.phi]
+                changed = [_moved(phi, next(moved)) for phi in lv.phi]
                 shown = lv.refresh(group["params"], changed)
                 if shown is not None:
                     self.writes.moved((index, lv.name), lv.shown, shown)
@@ -254,6 +256,25 @@ class LearnedHyperparameters:
         self.counters = {**dict.fromkeys(COUNTERS, 0), **hyper["counters"]}
         self.writes.reset()
         self.last = clone_values(hyper["hypergradients"])
+
+
+def _host_scalar(x: Tensor) -> bool:
+    return x.dim() == 0 and x.device.type == "cpu"
+
+
+def _all_finite(xs: list[Tensor]) -> bool:
+    """Whether every tensor is finite: floats for values on the host (a scalar per group),
+    one reduction per device otherwise, and one host sync."""
+    if all(_host_scalar(x) for x in xs):
+        return all(math.isfinite(float(x)) for x in xs)
+    return bool(torch.stack([torch.isfinite(x).all().cpu() for x in xs]).all())
+
+
+def _moved(phi: Tensor, before: Tensor | float) -> Tensor | bool:
+    """Where the hyper-optimizer moved ``φ``: a bool tensor, or a bool for a host scalar."""
+    if isinstance(before, float):
+        return float(phi) != before
+    return phi != before
 
 
 def _place(

@@ -15,6 +15,7 @@ every hyper-step.  Granularity decides how many values there are:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -111,24 +112,29 @@ class LearnedValue:
 
     # -- the values -------------------------------------------------------------------------
 
-    def refresh(self, params: list[Tensor], changed: list[Tensor] | None = None) -> float | None:
+    def refresh(
+        self, params: list[Tensor], changed: Sequence[Tensor | bool] | None = None
+    ) -> float | None:
         """Recompute the natural values from ``φ``.
 
-        ``changed`` (one bool tensor per ``φ``) limits the update to the entries the
-        hyper-optimizer moved, so an unmoved value keeps its exact float.  Returns the float
-        to show in the param group, or ``None`` when nothing moved.
+        ``changed`` (one bool tensor per ``φ``, or a bool for a 0-dim one) limits the update
+        to the entries the hyper-optimizer moved, so an unmoved value keeps its exact float.
+        Returns the float to show in the param group, or ``None`` when nothing moved.
         """
         if self.granularity == "scalar":
             if changed is not None and not bool(changed[0]):
                 return None
             return float(to_natural(self.phi[0], self.fraction))
-        if changed is not None and self.values and not any(bool(c.any()) for c in changed):
+        masks = None
+        if changed is not None:
+            masks = [c if isinstance(c, Tensor) else torch.tensor(c) for c in changed]
+        if masks is not None and self.values and not any(bool(c.any()) for c in masks):
             return None
         new_values = []
         for i, (phi, p) in enumerate(zip(self.phi, params, strict=True)):
             value = to_natural(phi, self.fraction).to(p.dtype)
-            if changed is not None and self.values:
-                value = torch.where(changed[i], value, self.values[i])
+            if masks is not None and self.values:
+                value = torch.where(masks[i], value, self.values[i])
             new_values.append(value)
         self.values = new_values
         total = sum(

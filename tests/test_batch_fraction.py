@@ -8,6 +8,7 @@ batch's gradient: checked in float64 against a dense closed form, for every prov
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,6 +32,26 @@ def _problem(seed: int = 0) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
     x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
     xv, yv = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
     return model, x, y, xv, yv
+
+
+def _closure(
+    opt: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor, backward: bool,
+    calls: list[float] | None = None,
+) -> Callable[..., Tensor]:  # fmt: skip
+    """The training closure on the first ``ceil(batch_fraction·B)`` examples: torch's
+    (``backward``) or the loss alone; ``calls`` records the fractions it was called with."""
+
+    def closure(batch_fraction: float = 1.0) -> Tensor:
+        if calls is not None:
+            calls.append(batch_fraction)
+        n = math.ceil(batch_fraction * len(x))
+        loss = ((model(x[:n]) - y[:n]) ** 2).mean()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    return closure
 
 
 def _dense_expected(
@@ -84,16 +105,7 @@ def test_series_uses_the_part_of_the_batch(
         hyper_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
     )  # fmt: skip
     calls: list[float] = []
-
-    def closure(batch_fraction: float = 1.0) -> Tensor:
-        calls.append(batch_fraction)
-        n = math.ceil(batch_fraction * len(x))
-        loss = ((model(x[:n]) - y[:n]) ** 2).mean()
-        if backward:
-            opt.zero_grad()
-            loss.backward()
-        return loss
-
+    closure = _closure(opt, model, x, y, backward, calls)
     w0 = [p.detach().clone() for p in model.parameters()]
     opt.step(closure, val_closure=lambda: ((model(xv) - yv) ** 2).mean())
     got = float(opt.hypergradients()[0]["lr"])
@@ -121,15 +133,7 @@ def _adam_on_part(hvp: str, backward: bool) -> dict[str, Any]:
         model.parameters(), lr=0.01, learn=("lr", "beta1", "beta2"), method="ift",
         update_interval=2, hvp=hvp, hvp_batch_fraction=0.3, granularity="tensor",
     )  # fmt: skip
-
-    def closure(batch_fraction: float = 1.0) -> Tensor:
-        n = math.ceil(batch_fraction * len(x))
-        loss = ((model(x[:n]) - y[:n]) ** 2).mean()
-        if backward:
-            opt.zero_grad()
-            loss.backward()
-        return loss
-
+    closure = _closure(opt, model, x, y, backward)
     for _ in range(6):
         opt.step(closure, val_closure=lambda: ((model(xv) - yv) ** 2).mean())
     return opt.hypergradients()[0]

@@ -21,6 +21,7 @@ subclass registered in :mod:`hyperopt_optim.hypergradients`.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,19 +128,28 @@ class GroupSnapshot:
     linearised: bool = False
 
     def state_vjp(
-        self, cotangent_params: list[Tensor], cotangent_state: RuleState, *, overwrite: bool = False
+        self,
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+        *,
+        overwrite: bool = False,
+        pieces: bool = True,
     ) -> Any:
         """The rule's ``state_vjp`` at this point, every product from one linearisation;
         ``overwrite``: the caller gives up the cotangent, which a rule with an in-place
-        ``state_vjp_`` (SGD's) writes the result into."""
+        ``state_vjp_`` (SGD's, Adam's) writes the result into.  ``pieces``: the in-place
+        product runs on pieces of the flattened tensors, each with its own linearisation (the
+        memory of one piece); else on whole tensors, reading the one kept linearisation."""
         in_place = getattr(self.rule, "state_vjp_", None) if overwrite else None
-        if in_place is not None:
+        if in_place is not None and (pieces or not _linearises(self.rule)):
             return self._in_pieces(in_place, cotangent_params, cotangent_state)
         if not self.linearised:
             self.linear = linearise(
                 self.rule, self.params, self.grads, self.state, self.hp, self.flags
             )
             self.linearised = True
+        if in_place is not None:  # in pieces, each reading its slice of the linearisation
+            return self._in_pieces(in_place, cotangent_params, cotangent_state, self.linear)
         return state_vjp(
             self.rule, self.params, self.grads, self.state, self.hp, self.flags,
             cotangent_params, cotangent_state, self.linear,
@@ -195,16 +205,18 @@ class GroupSnapshot:
         in_place: Callable[..., StateCotangent],
         cotangent_params: list[Tensor],
         cotangent_state: RuleState,
+        linear: Any = None,
     ) -> StateCotangent:
         """A rule's in-place ``state_vjp_`` on pieces of the flattened tensors (the rules are
         element-wise): the temporaries of one piece at a time, however large a tensor.  The
         weights' and given state blocks are written through the pieces' views; ``r`` and new
         state blocks are put together."""
         numels, calls = self._slicing(cotangent_params, cotangent_state)
+        kept = {} if linear is None else {"linear": linear}
         if len(calls) <= 1:
             return in_place(
                 self.params, self.grads, self.state, self.hp, self.flags,
-                cotangent_params, cotangent_state,
+                cotangent_params, cotangent_state, **kept,
             )  # fmt: skip
         count = len(self.params)
         grads: list[Tensor | None] = [None] * count
@@ -212,9 +224,11 @@ class GroupSnapshot:
         for pieces in calls:
             view = _View(pieces, numels)
             given = view.state(cotangent_state)
+            if linear is not None:
+                kept = {"linear": view.linearisation(linear)}
             part = in_place(
                 view.tensors(self.params), view.tensors(self.grads), view.state(self.state),
-                view.hyper(self.hp), self.flags, view.tensors(cotangent_params), given,
+                view.hyper(self.hp), self.flags, view.tensors(cotangent_params), given, **kept,
             )  # fmt: skip
             targets = view.tensors(cotangent_params)
             for target, x in zip(targets, part.params, strict=True):
@@ -284,8 +298,15 @@ class GroupSnapshot:
 
 
 REDUCE_CHUNK = 1 << 15
-"""The smallest piece, in elements, that :meth:`GroupSnapshot.reduced_hyper_vjp` slices a
-group into (smaller groups run in one piece: one call, no Python loop on the hot path)."""
+"""The smallest piece, in elements, that :meth:`GroupSnapshot.reduced_hyper_vjp` and the
+in-place products slice a group into: a group below it runs in one piece (one call, no Python
+loop on the hot path); a larger one in pieces of about an eighth of it, so that the
+temporaries of a product are about an eighth of theirs on the whole group (eight calls)."""
+
+
+def _linearises(rule: UpdateRule) -> bool:
+    """Whether the rule's products read a linearisation (:func:`linearise`)."""
+    return getattr(rule, "linearise", None) is not None
 
 
 def _place_pieces(
@@ -350,6 +371,26 @@ class _View:
             name: [self._one(xs[i], i, a, b) for i, a, b in self.pieces]
             for name, xs in state.items()
         }
+
+    def linearisation(self, linear: list[Any]) -> list[Any]:
+        """A rule's kept linearisation (one dataclass per parameter) for the pieces: each
+        field of a parameter's size sliced like the parameter, the others as they are."""
+        out = []
+        for i, a, b in self.pieces:
+            f = linear[i]
+            out.append(
+                dataclasses.replace(
+                    f,
+                    **{
+                        field.name: self._one(value, i, a, b)
+                        for field in dataclasses.fields(f)
+                        if isinstance(value := getattr(f, field.name), Tensor)
+                        and value.dim() > 0
+                        and value.numel() == self.numels[i]
+                    },
+                )
+            )
+        return out
 
     def hyper(self, hp: dict[str, Hyper]) -> dict[str, Hyper]:
         return {

@@ -69,9 +69,8 @@ class AutogradHVP:
 
     def __call__(self, directions: list[Tensor]) -> list[Tensor]:
         index = {id(p): i for i, p in enumerate(self._params)}
-        out = [torch.zeros_like(d) for d in directions]
         if not self._pairs:
-            return out
+            return [torch.zeros_like(d) for d in directions]
         inputs = [p for p, _ in self._pairs]
         outputs = [g for _, g in self._pairs]
         grad_outputs = [directions[index[id(p)]] for p in inputs]
@@ -175,11 +174,7 @@ class FiniteDifferenceHVP:
                 torch._foreach_sub_(plus, self._grad)
                 torch._foreach_div_(plus, eps)
         finally:
-            with torch.no_grad():
-                if self._restore is not None:
-                    self._restore()
-                else:
-                    torch._foreach_copy_(self._params, self._current)
+            self._put_back()
         return plus
 
     def add_to(self, directions: list[Tensor], targets: list[Tensor]) -> None:
@@ -200,11 +195,15 @@ class FiniteDifferenceHVP:
                 torch._foreach_add_(targets, moved, alpha=sign / (2 * eps))
                 del moved
         finally:
-            with torch.no_grad():
-                if self._restore is not None:
-                    self._restore()
-                else:
-                    torch._foreach_copy_(self._params, self._current)
+            self._put_back()
+
+    def _put_back(self) -> None:
+        """The parameters back where they were when the products began."""
+        with torch.no_grad():
+            if self._restore is not None:
+                self._restore()
+            else:
+                torch._foreach_copy_(self._params, self._current)
 
     def _at(self, directions: list[Tensor], eps: float) -> list[Tensor]:
         with torch.no_grad():

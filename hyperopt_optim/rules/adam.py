@@ -407,12 +407,13 @@ class AdamRule:
         flags: dict[str, object],
         cotangent_params: list[Tensor],
         cotangent_state: RuleState,
+        linear: list[_Linear] | None = None,
     ) -> StateCotangent:
-        """:meth:`state_vjp` parameter by parameter, each step's linearisation made when it is
-        needed and the result written into the cotangent's own tensors: beyond the cotangent,
-        ``r`` (and the state blocks of a first term, which has none) is all it allocates
-        (no linearisation is kept: the step is recomputed per call).  The caller gives up the
-        cotangent."""
+        """:meth:`state_vjp` parameter by parameter, the result written into the cotangent's
+        own tensors: beyond the cotangent, ``r`` (and the state blocks of a first term, which
+        has none) is all it allocates.  ``linear``: a kept linearisation (:meth:`linearise`);
+        without one, each parameter's step is recomputed when it is needed (no linearisation
+        is held).  The caller gives up the cotangent."""
         decoupled = bool(flags["decoupled_weight_decay"])
         sign = -1.0 if flags["maximize"] else 1.0
         given_m, given_v = cotangent_state.get(_M), cotangent_state.get(_V)
@@ -421,7 +422,11 @@ class AdamRule:
         cot_vmax: list[Tensor | None] = []
         cot_grads: list[Tensor] = []
         for i, a_w in enumerate(cotangent_params):
-            f = self._point(params, grads, state, hp, flags, i).linear
+            f = (
+                self._point(params, grads, state, hp, flags, i).linear
+                if linear is None
+                else linear[i]
+            )
             c_m, c_v, c_vmax_old, c_g_hat = _cotangents(f, a_w, cotangent_state, i)
             if decoupled:
                 a_w.mul_(1 - f.lr * f.wd)
