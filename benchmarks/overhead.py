@@ -96,9 +96,22 @@ def cnn() -> nn.Module:
     )
 
 
+def wide_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, 10),
+    )
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "mlp": (mlp, "MLP 784-256-256-10, ReLU"),
     "cnn": (cnn, "CNN conv16-pool-conv32-pool-fc10 on 1x28x28"),
+    # above onepass.LEAN_ELEMENTS: the lean series is the default there (not in the default run)
+    "wide_mlp": (wide_mlp, "MLP 784-2048-2048-10, ReLU"),
 }
 
 
