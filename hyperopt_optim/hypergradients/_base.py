@@ -133,15 +133,15 @@ class GroupSnapshot:
         cotangent_state: RuleState,
         *,
         overwrite: bool = False,
-        pieces: bool = True,
+        keep_linear: bool = True,
     ) -> Any:
         """The rule's ``state_vjp`` at this point, every product from one linearisation;
         ``overwrite``: the caller gives up the cotangent, which a rule with an in-place
-        ``state_vjp_`` (SGD's, Adam's) writes the result into.  ``pieces``: the in-place
-        product runs on pieces of the flattened tensors, each with its own linearisation (the
-        memory of one piece); else on whole tensors, reading the one kept linearisation."""
+        ``state_vjp_`` (SGD's, Adam's) writes the result into, on pieces of the flattened
+        tensors.  ``keep_linear=False`` (with ``overwrite``): no linearisation is kept, each
+        piece recomputes its step (the memory of one piece, for more element-wise work)."""
         in_place = getattr(self.rule, "state_vjp_", None) if overwrite else None
-        if in_place is not None and (pieces or not _linearises(self.rule)):
+        if in_place is not None and not (keep_linear and _linearises(self.rule)):
             return self._in_pieces(in_place, cotangent_params, cotangent_state)
         if not self.linearised:
             self.linear = linearise(
@@ -157,11 +157,8 @@ class GroupSnapshot:
 
     @property
     def can_redo(self) -> bool:
-        """Whether :meth:`redo` can put the live weights back after the update: the rule
-        has a ``redo`` and the snapshot holds a copy of the point."""
-        return hasattr(self.rule, "redo") and all(
-            x.data_ptr() != p.data_ptr() for x, p in zip(self.params, self.live, strict=True)
-        )
+        """Whether the rule has a ``redo`` (:meth:`redo`)."""
+        return hasattr(self.rule, "redo")
 
     def redo(self) -> None:
         """Write into the live weights, after the update, the weights the update made: the
@@ -188,6 +185,8 @@ class GroupSnapshot:
         about an eighth of it, at least :data:`REDUCE_CHUNK` elements."""
         numels = [p.numel() for p in self.params]
         chunk = max(REDUCE_CHUNK, -(-sum(numels) // 8))
+        if sum(numels) <= chunk:  # one call on the whole tensors
+            return numels, [[(i, 0, n) for i, n in enumerate(numels)]]
         buffers = [*self.state.values(), *cotangent_state.values()]
         learned = [h for h in self.hp.values() if not isinstance(h, float | int)]
         sliceable = [

@@ -17,6 +17,7 @@ parameter and returning :math:`H d` in the same layout:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -158,11 +159,18 @@ class FiniteDifferenceHVP:
                 for x, p, c in zip(point, params, self._current, strict=True)
             ]
 
-    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+    def _eps(self, directions: list[Tensor]) -> float | None:
+        """The step along ``directions``; ``None`` for a zero or non-finite direction, whose
+        product is taken as zero."""
         d_norm = _norm(directions)
-        if d_norm == 0 or not torch.isfinite(torch.tensor(d_norm)):
+        if d_norm == 0 or not math.isfinite(d_norm):
+            return None
+        return float(self._delta * max(1.0, self._point_norm) / d_norm)
+
+    def __call__(self, directions: list[Tensor]) -> list[Tensor]:
+        eps = self._eps(directions)
+        if eps is None:
             return [torch.zeros_like(d) for d in directions]
-        eps = self._delta * max(1.0, self._point_norm) / d_norm
         try:
             plus = self._at(directions, eps)
             if self._central:  # one gradient besides the result at a time
@@ -184,10 +192,9 @@ class FiniteDifferenceHVP:
         if not self._central or self._grad is None:
             torch._foreach_add_(targets, self(directions))
             return
-        d_norm = _norm(directions)
-        if d_norm == 0 or not torch.isfinite(torch.tensor(d_norm)):
+        eps = self._eps(directions)
+        if eps is None:
             return
-        eps = self._delta * max(1.0, self._point_norm) / d_norm
         try:
             for sign in (1.0, -1.0):
                 moved = self._at(directions, sign * eps)

@@ -61,22 +61,24 @@ def neumann_hypergradient(
         Per group, the element-wise hypergradient of every learned name.
     """
     sizes = [len(g.live) for g in groups]
+    if neumann_steps > 0 and hvp is None:
+        raise ValueError("neumann_steps > 0 needs Hessian-vector products")
     if neumann_steps > 0 and _lean(groups):
+        assert hvp is not None
         return _term_by_term(groups, outer, hvp, neumann_steps)
     v_params = _split(outer, sizes)
     v_state: list[RuleState] = [{} for _ in groups]
-    # p = Σ v_j accumulates in v_0's tensors (``outer`` is consumed); each v_j is added once
-    # its own product is formed and then dropped, so that the sum, one term and the product's
-    # direction are all the series holds
+    # p = Σ v_j accumulates in v_0's tensors (``outer`` is consumed); each later v_j joins
+    # the sum before its product, which is then written into its tensors: the sum, one term
+    # and the product's direction are all the series holds
     p_params = [[_writable(x) for x in vp] for vp in v_params] if neumann_steps else v_params
     p_state: list[RuleState] = [{} for _ in groups]
     for j in range(neumann_steps):
-        if hvp is None:
-            raise ValueError("neumann_steps > 0 needs Hessian-vector products")
-        if j > 0:  # v_j joins the sum first; then its tensors take v_{j+1} where the rule can
+        assert hvp is not None
+        if j > 0:
             _add_term(p_params, p_state, v_params, v_state, own=False)
         parts = [
-            g.state_vjp(vp, vs, overwrite=j > 0, pieces=False)  # v_0 is the sum's
+            g.state_vjp(vp, vs, overwrite=j > 0)  # v_0's tensors are the sum's
             for g, vp, vs in zip(groups, v_params, v_state, strict=True)
         ]
         del v_params, v_state
@@ -150,7 +152,7 @@ def _lean(groups: list[GroupSnapshot]) -> bool:
 def _term_by_term(
     groups: list[GroupSnapshot],
     outer: list[Tensor],
-    hvp: Callable[[list[Tensor]], list[Tensor]] | None,
+    hvp: Callable[[list[Tensor]], list[Tensor]],
     neumann_steps: int,
 ) -> ElementwiseHypergradients:
     """The series with each term's ``v_j·∂U/∂λ`` reduced as it is made (by linearity, their
@@ -164,10 +166,8 @@ def _term_by_term(
         g.reduced_hyper_vjp(vp, vs) for g, vp, vs in zip(groups, v_params, v_state, strict=True)
     ]
     for _ in range(neumann_steps):
-        if hvp is None:
-            raise ValueError("neumann_steps > 0 needs Hessian-vector products")
         parts = [
-            g.state_vjp(vp, vs, overwrite=True)
+            g.state_vjp(vp, vs, overwrite=True, keep_linear=False)
             for g, vp, vs in zip(groups, v_params, v_state, strict=True)
         ]
         del v_params, v_state

@@ -374,29 +374,10 @@ class AdamRule:
         cotangent_state: RuleState,
         linear: list[_Linear] | None = None,
     ) -> StateCotangent:
-        if linear is None:
-            linear = self.linearise(params, grads, state, hp, flags)
-        decoupled = bool(flags["decoupled_weight_decay"])
-        sign = -1.0 if flags["maximize"] else 1.0
-        cot_params: list[Tensor] = []
-        cot_grads: list[Tensor] = []
-        cot_m: list[Tensor | None] = []
-        cot_v: list[Tensor | None] = []
-        cot_vmax: list[Tensor | None] = []
-        for i, (a_w, f) in enumerate(zip(cotangent_params, linear, strict=True)):
-            c_m, c_v, c_vmax_old, c_g_hat = _cotangents(f, a_w, cotangent_state, i)
-            if decoupled:
-                cot_params.append(a_w * (1 - f.lr * f.wd))
-            else:
-                cot_params.append(a_w + f.wd * c_g_hat)
-            cot_m.append(f.b1 * c_m)
-            cot_v.append(f.b2 * c_v)
-            cot_vmax.append(c_vmax_old)
-            cot_grads.append(sign * c_g_hat)
-        out_state: RuleState = {_M: cot_m, _V: cot_v}
-        if flags["amsgrad"]:
-            out_state[_VMAX] = cot_vmax
-        return StateCotangent(cot_params, out_state, cot_grads)
+        return self._state_vjp(
+            params, grads, state, hp, flags, cotangent_params, cotangent_state, linear,
+            in_place=False,
+        )  # fmt: skip
 
     def state_vjp_(
         self,
@@ -409,14 +390,35 @@ class AdamRule:
         cotangent_state: RuleState,
         linear: list[_Linear] | None = None,
     ) -> StateCotangent:
-        """:meth:`state_vjp` parameter by parameter, the result written into the cotangent's
-        own tensors: beyond the cotangent, ``r`` (and the state blocks of a first term, which
-        has none) is all it allocates.  ``linear``: a kept linearisation (:meth:`linearise`);
-        without one, each parameter's step is recomputed when it is needed (no linearisation
-        is held).  The caller gives up the cotangent."""
+        """:meth:`state_vjp` written into the cotangent's own tensors: beyond the cotangent,
+        ``r`` (and the state blocks of a first term, which has none) is all it allocates.
+        The caller gives up the cotangent."""
+        return self._state_vjp(
+            params, grads, state, hp, flags, cotangent_params, cotangent_state, linear,
+            in_place=True,
+        )  # fmt: skip
+
+    def _state_vjp(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+        linear: list[_Linear] | None,
+        *,
+        in_place: bool,
+    ) -> StateCotangent:
+        """The products parameter by parameter.  ``linear``: a kept linearisation
+        (:meth:`linearise`); without one, each parameter's step is recomputed when it is
+        needed (no linearisation is held).  ``in_place``: into the cotangent's tensors."""
         decoupled = bool(flags["decoupled_weight_decay"])
         sign = -1.0 if flags["maximize"] else 1.0
-        given_m, given_v = cotangent_state.get(_M), cotangent_state.get(_V)
+        given_m = cotangent_state.get(_M) if in_place else None
+        given_v = cotangent_state.get(_V) if in_place else None
+        cot_params: list[Tensor] = []
         cot_m: list[Tensor | None] = []
         cot_v: list[Tensor | None] = []
         cot_vmax: list[Tensor | None] = []
@@ -429,9 +431,11 @@ class AdamRule:
             )
             c_m, c_v, c_vmax_old, c_g_hat = _cotangents(f, a_w, cotangent_state, i)
             if decoupled:
-                a_w.mul_(1 - f.lr * f.wd)
+                factor = 1 - f.lr * f.wd
+                cot_params.append(a_w.mul_(factor) if in_place else a_w * factor)
             else:
-                a_w.add_(f.wd * c_g_hat)
+                term = f.wd * c_g_hat
+                cot_params.append(a_w.add_(term) if in_place else a_w + term)
             cot_m.append(_scaled_into(given_m, i, c_m, f.b1))
             cot_v.append(_scaled_into(given_v, i, c_v, f.b2))
             cot_vmax.append(c_vmax_old)
@@ -440,7 +444,7 @@ class AdamRule:
         out_state: RuleState = {_M: cot_m, _V: cot_v}
         if flags["amsgrad"]:
             out_state[_VMAX] = cot_vmax
-        return StateCotangent(list(cotangent_params), out_state, cot_grads)
+        return StateCotangent(cot_params, out_state, cot_grads)
 
     def hyper_vjp(
         self,

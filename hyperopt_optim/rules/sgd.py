@@ -111,8 +111,11 @@ def _cotangents_foreach(
     flags: dict[str, object],
     a_w: list[Tensor],
     cotangent_state: RuleState,
+    *,
+    in_place: bool = False,
 ) -> tuple[list[Tensor] | None, list[Tensor]]:
-    """``(c_{b'}, c_{ĝ})`` for every parameter; ``c_{b'}`` is ``None`` without momentum."""
+    """``(c_{b'}, c_{ĝ})`` for every parameter; ``c_{b'}`` is ``None`` without momentum.
+    ``in_place``: ``c_{b'}`` is written into the given buffer cotangent, if any."""
     neg_lr = _negate(hp["lr"])
     if not _uses_buffer(hp):
         return None, list(torch._foreach_mul(a_w, neg_lr))
@@ -121,6 +124,9 @@ def _cotangents_foreach(
     coefficient = _product(neg_lr, hp["momentum"]) if flags["nesterov"] else neg_lr
     if a_b is None:  # v_0 has no state block
         cot_new_b = list(torch._foreach_mul(a_w, coefficient))
+    elif in_place:
+        cot_new_b = present(a_b)
+        add_scaled_(cot_new_b, a_w, coefficient)
     else:
         cot_new_b = add_scaled(present(a_b), a_w, coefficient)
     cot_g_hat = list(torch._foreach_mul(cot_new_b, 1 - dampening))
@@ -395,20 +401,35 @@ class SGDRule:
         flags: dict[str, object],
         cotangent_params: list[Tensor],
         cotangent_state: RuleState,
+        *,
+        in_place: bool = False,
     ) -> StateCotangent:
-        """The products of the module docstring with foreach kernels, every buffer present.
+        """The products of the module docstring with foreach kernels, every buffer present;
+        ``in_place``: written into the cotangent's weight and buffer blocks (``r`` is new).
 
         They are linear in the cotangent and need none of the step's forward quantities.
         """
         mu, wd = hp["momentum"], hp["weight_decay"]
         a_w = cotangent_params
-        cot_new_b, cot_g_hat = _cotangents_foreach(hp, flags, a_w, cotangent_state)
+        cot_new_b, cot_g_hat = _cotangents_foreach(
+            hp, flags, a_w, cotangent_state, in_place=in_place
+        )
         out_state: RuleState = {}
         if cot_new_b is not None:
-            out_state[_BUFFER] = list(torch._foreach_mul(cot_new_b, mu))
-        cot_params = [x.clone() for x in a_w] if is_zero(wd) else add_scaled(a_w, cot_g_hat, wd)
-        grads = list(torch._foreach_neg(cot_g_hat)) if flags["maximize"] else cot_g_hat
-        return StateCotangent(cot_params, out_state, grads)
+            if in_place:
+                torch._foreach_mul_(cot_new_b, mu)
+            else:
+                cot_new_b = list(torch._foreach_mul(cot_new_b, mu))
+            out_state[_BUFFER] = list(cot_new_b)
+        if in_place:
+            cot_params = list(a_w)
+            if not is_zero(wd):
+                add_scaled_(cot_params, cot_g_hat, wd)
+        else:
+            cot_params = [x.clone() for x in a_w] if is_zero(wd) else add_scaled(a_w, cot_g_hat, wd)
+        if flags["maximize"]:  # c_ĝ is this call's own tensor
+            torch._foreach_neg_(cot_g_hat)
+        return StateCotangent(cot_params, out_state, cot_g_hat)
 
     def state_vjp_(
         self,
@@ -428,31 +449,7 @@ class SGDRule:
             return self.state_vjp(
                 params, grads, state, hp, flags, cotangent_params, cotangent_state
             )
-        mu, wd = hp["momentum"], hp["weight_decay"]
-        a_w = cotangent_params
-        neg_lr = _negate(hp["lr"])
-        out_state: RuleState = {}
-        if not _uses_buffer(hp):
-            cot_g_hat = list(torch._foreach_mul(a_w, neg_lr))
-        else:
-            dampening = float(flags["dampening"])  # type: ignore[arg-type]
-            coefficient = _product(neg_lr, mu) if flags["nesterov"] else neg_lr
-            a_b = cotangent_state.get(_BUFFER)
-            if a_b is None:  # v_0 has no state block
-                cot_new_b = list(torch._foreach_mul(a_w, coefficient))
-            else:
-                cot_new_b = present(a_b)
-                add_scaled_(cot_new_b, a_w, coefficient)
-            cot_g_hat = list(torch._foreach_mul(cot_new_b, 1 - dampening))
-            if flags["nesterov"]:
-                add_scaled_(cot_g_hat, a_w, neg_lr)
-            torch._foreach_mul_(cot_new_b, mu)
-            out_state[_BUFFER] = list(cot_new_b)
-        if not is_zero(wd):
-            add_scaled_(a_w, cot_g_hat, wd)
-        if flags["maximize"]:
-            torch._foreach_neg_(cot_g_hat)
-        return StateCotangent(list(a_w), out_state, cot_g_hat)
+        return self._state_vjp_foreach(hp, flags, cotangent_params, cotangent_state, in_place=True)
 
     def hyper_vjp(
         self,
