@@ -137,7 +137,7 @@ def train(
 
         def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
             # torch's closure convention, unchanged for HyperSGD: with hvp="auto" it then
-            # takes its Hessian-vector products by central finite differences.
+            # takes its Hessian-vector products by forward finite differences.
             opt.zero_grad()
             loss = cross_entropy(model(x), y)
             loss.backward()

@@ -8,8 +8,8 @@ validation closure is registered (the validation loss of the module's current pa
 Lightning's automatic optimization is used as it is: Lightning calls
 ``optimizer.step(closure=...)``, where its closure runs ``training_step``, ``zero_grad`` and
 ``backward``. That is torch's closure convention, so ``hvp="auto"`` takes the Hessian-vector
-products of ``method="ift"`` by central finite differences, each costing two more calls of the
-closure (so ``training_step`` runs ``1 + 2K`` times on a step that ends with a hyper-step).
+products of ``method="ift"`` by forward finite differences, each costing one more call of the
+closure (so ``training_step`` runs ``1 + K`` times on a step that ends with a hyper-step).
 ``--manual`` shows the alternative: manual optimization with a closure that returns the loss
 without ``backward()``, for exact products by double backward and one evaluation per step::
 

@@ -4,8 +4,10 @@ A training closure follows torch's convention (it calls ``backward()``) or only 
 loss, in which case the optimizer differentiates it — keeping the graph when exact products
 will be taken.  Which one a closure is shows in the post-accumulate-grad hooks of the
 parameters.  ``hvp="auto"`` resolves, closure by closure, to ``"autograd"`` (the loss alone)
-or ``"finite_difference"`` (torch's convention).  ``step(loss_fn=...)`` gives the loss as a
-pure function of the parameters, for exact batched products by ``torch.func``.
+or to differences (torch's convention): forward ones for ``"greedy"``/``"ift"``, central
+ones for ``"forward"`` (``HypergradientMethod.auto_differences``).  ``step(loss_fn=...)``
+gives the loss as a pure function of the parameters, for exact batched products by
+``torch.func``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .hypergradients.hvp import (
 __all__ = ["EXACT_HVPS", "Closures", "LossFn", "StepProducts", "grad", "validation_gradient"]
 
 EXACT_HVPS = ("autograd", "autograd_batched")
+DIFFERENCES = ("finite_difference", "forward_difference")
 LossFn = Callable[[list[Tensor]], Tensor]
 HVP = Callable[[list[Tensor]], list[Tensor]]
 
@@ -149,9 +152,17 @@ class Closures:
         hvp: the provider the user asked for (``"auto"`` resolves per closure).
     """
 
-    def __init__(self, hvp: str, replicas: Replicas | None = None) -> None:
+    def __init__(
+        self,
+        hvp: str,
+        replicas: Replicas | None = None,
+        auto_differences: str = "finite_difference",
+    ) -> None:
         self.hvp = hvp
         self.resolved: str | None = None if hvp == "auto" else hvp
+        #: the differences ``hvp="auto"`` takes where products cannot be exact (the method's
+        #: ``HypergradientMethod.auto_differences``)
+        self.auto_differences = auto_differences
         #: data-parallel ranks to average what the optimizer takes itself over
         self.replicas = replicas
         #: the gradient scaler of this step (``None``: none): a closure's ``backward()`` leaves
@@ -234,7 +245,7 @@ class Closures:
                         "backward(); use hvp='finite_difference' with torch's ordinary closure"
                     )
                 if self.hvp == "auto":  # decided by the closure in hand, step by step
-                    self.resolved = "finite_difference"
+                    self.resolved = self._auto_differences()
                 if self.replicas is not None:  # DDP's backward() must have averaged them
                     self.replicas.check_gradients([p.grad for p in trainable if p.grad is not None])
                 return loss
@@ -249,29 +260,43 @@ class Closures:
                 return self.run(closure, loss_fn, trainable, exact)  # again, without a graph
         self._set_gradients(trainable, grads)
         if self.hvp == "auto":
-            self.resolved = "finite_difference" if self.no_double_backward else "autograd"
+            self.resolved = self._auto_differences() if self.no_double_backward else "autograd"
         if graph_wanted:
             self._graph = {id(p): g for p, g in zip(trainable, grads, strict=True) if g is not None}
         return loss
 
+    def _auto_differences(self) -> str:
+        """The differences ``hvp="auto"`` takes: those it took before where a loaded state dict
+        says so (central ones, saved by 0.1.0's ``"auto"``: the run goes on as it did), else
+        the method's ``auto_differences``."""
+        if self.resolved in DIFFERENCES:
+            return self.resolved
+        return self.auto_differences
+
+    @property
+    def _auto_central(self) -> bool:
+        return self._auto_differences() == "finite_difference"
+
     def fall_back(self, err: RuntimeError) -> None:
         """The model cannot be differentiated twice (a ``torch.compile``-d model): with
-        ``hvp="auto"``, warn once and take central differences from now on; with an exact
+        ``hvp="auto"``, warn once and take its differences from now on; with an exact
         provider asked for by name, say what to use instead."""
         if self.hvp != "auto":
             raise RuntimeError(
                 f"hvp={self.hvp!r} takes exact Hessian-vector products by double backward, "
                 "which this model does not support (a torch.compile-d model, or a function "
                 "marked @once_differentiable, does not); use "
-                "hvp='finite_difference' (or hvp='auto', which falls back to it)"
+                "hvp='finite_difference' or 'forward_difference' (or hvp='auto', which falls "
+                "back to differences)"
             ) from err
         self.no_double_backward = True
-        self.resolved = "finite_difference"
+        self.resolved = self._auto_differences()
         warnings.warn(
             "the model cannot be differentiated twice (torch.compile does not support double "
             "backward, nor does a function marked @once_differentiable), so exact "
             "Hessian-vector products are impossible: hvp='auto' takes "
-            f"central finite differences from now on (torch: {str(err).splitlines()[0][:160]})",
+            f"{'central' if self._auto_central else 'forward'} finite differences from now on "
+            f"(torch: {str(err).splitlines()[0][:160]})",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -368,7 +393,8 @@ class Closures:
             exact = self._exact(StepProducts(lambda: provider, batched))
             if closure is None:
                 return exact
-            return _Fallback(self, exact, self._differences(closure, groups, pick, central=True))
+            fallback = self._differences(closure, groups, pick, central=self._auto_central)
+            return _Fallback(self, exact, fallback)
         if closure is None:
             return None
         central = self.resolved != "forward_difference"
@@ -411,12 +437,13 @@ class Closures:
                 if not _no_double_backward(err):
                     raise
                 self.fall_back(err)
-                return self._differences(sub, groups, pick, central=True, at_point=False)
+                return self._differences(
+                    sub, groups, pick, central=self._auto_central, at_point=False
+                )
         provider = AutogradHVP(live, _zeros_for_none(grads, live))
         exact_products = self._exact(StepProducts(lambda: provider))
-        return _Fallback(
-            self, exact_products, self._differences(sub, groups, pick, central=True, at_point=False)
-        )
+        fallback = self._differences(sub, groups, pick, central=self._auto_central, at_point=False)
+        return _Fallback(self, exact_products, fallback)
 
     def _differences(
         self,
@@ -475,7 +502,7 @@ def _no_double_backward(err: RuntimeError) -> bool:
 
 
 class _Fallback(StepProducts):
-    """Exact products, or central differences from the first one that double backward
+    """Exact products, or ``hvp="auto"``'s differences from the first one that double backward
     refuses (a compiled model whose first backward with a graph succeeded)."""
 
     def __init__(self, owner: Closures, exact: StepProducts, differences: StepProducts) -> None:

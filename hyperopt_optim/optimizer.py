@@ -191,6 +191,7 @@ class HyperOptimizer(Optimizer):
         self._method = build_method(
             MethodOptions(method, self.granularity, hvp, neumann_steps, update_interval, extra)
         )
+        self._closures.auto_differences = self._method.auto_differences
         self.neumann_steps = self._method.neumann_steps
         self.hvp_batch_fraction = check_hvp_batch_fraction(hvp_batch_fraction, self._method)
         self._closures.batch_fraction = self.hvp_batch_fraction

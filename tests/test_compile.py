@@ -2,7 +2,7 @@
 
 A compiled model cannot be differentiated twice (AOTAutograd refuses double backward, at the
 first backward with a graph when it donated buffers, else at the product itself), so exact
-Hessian-vector products are impossible: ``hvp="auto"`` warns once and takes central finite
+Hessian-vector products are impossible: ``hvp="auto"`` warns once and takes forward finite
 differences from then on; ``hvp="autograd"`` asked for by name says what to use instead.  The
 fast tests use the ``aot_eager`` backend (AOTAutograd without code generation); the slow one
 uses the default (inductor), which needs a C++ compiler.
@@ -58,7 +58,7 @@ def _train(
 
 
 def _same_as_eager_differences(net: nn.Module, opt: Any, cls: type = HyperSGD, **kw: Any) -> None:
-    eager_net, eager, _ = _train(None, backward=False, cls=cls, hvp="finite_difference", **kw)
+    eager_net, eager, _ = _train(None, backward=False, cls=cls, hvp="forward_difference", **kw)
     for a, b in zip(net.parameters(), eager_net.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(
@@ -71,14 +71,14 @@ def test_a_closure_without_backward_falls_back_to_differences_with_one_warning(
     donated_buffer: bool,
 ) -> None:
     """With donated buffers the first backward with a graph fails; without, the first product:
-    either way the run goes on with central differences and says so once."""
+    either way the run goes on with forward differences and says so once."""
     with torch._functorch.config.patch(donated_buffer=donated_buffer):
         net, opt, caught = _train("aot_eager", backward=False, lr=0.1, momentum=0.9)
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert "double backward" in str(caught[0].message)
     assert "finite differences" in str(caught[0].message)
     assert opt.hvp == "auto"
-    assert opt.state_dict()["hyper"]["resolved_hvp"] == "finite_difference"
+    assert opt.state_dict()["hyper"]["resolved_hvp"] == "forward_difference"
     assert opt.hyper_state["hyper_steps"] == 2
     assert opt.hyper_state["skipped_hyper_steps"] == 0
     _same_as_eager_differences(net, opt, lr=0.1, momentum=0.9)
@@ -108,7 +108,7 @@ def test_inductor() -> None:
 def test_forward_mode_falls_back_at_the_pre_step_point() -> None:
     """Forward mode's snapshot is the live weights (no copy planned); differences that moved
     them moved the point too and gave half the product (they once did).  Against eager central
-    differences, the same run."""
+    differences (what "auto" takes in forward mode), the same run."""
     kwargs: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "horizon": 12, "windows": 3}
 
     def run(backend: str | None, hvp: str) -> Any:

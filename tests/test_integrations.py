@@ -71,8 +71,8 @@ def _torch_closure(opt: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: T
 
 def test_lightning_example_learns_with_ift_products(tmp_path: Path) -> None:
     """30 steps of ``Trainer.fit`` with ift, K=4, T=10: three hyper-steps, the learned lr moved,
-    and the products were taken, by finite differences of Lightning's closure: 8 more calls of
-    ``training_step`` per hyper-step (2 per product). The hook's ``self.log`` reaches the CSV
+    and the products were taken, by forward differences of Lightning's closure: 4 more calls of
+    ``training_step`` per hyper-step (1 per product). The hook's ``self.log`` reaches the CSV
     logger."""
     example = _lightning_example()
     with _quiet_lightning():
@@ -82,8 +82,8 @@ def test_lightning_example_learns_with_ift_products(tmp_path: Path) -> None:
     assert state["hyper_steps"] == 3
     assert state["skipped_hyper_steps"] == 0
     assert summary["neumann_steps"] == 4
-    assert summary["resolved_hvp"] == "finite_difference"
-    assert summary["loss_evaluations"] == 30 + 3 * 2 * 4
+    assert summary["resolved_hvp"] == "forward_difference"
+    assert summary["loss_evaluations"] == 30 + 3 * 4
     assert summary["learned"]["lr"] != pytest.approx(0.01, rel=1e-3)
     assert summary["learned"]["momentum"] != pytest.approx(0.5, rel=1e-3)
     assert all(g != 0.0 for g in summary["hypergradients"].values())
@@ -97,7 +97,7 @@ def test_lightning_example_learns_with_ift_products(tmp_path: Path) -> None:
 def test_lightning_manual_optimization_takes_exact_products() -> None:
     """``--manual``: a closure that leaves ``backward()`` to the optimizer resolves ``hvp="auto"``
     to exact autograd products, one loss evaluation per step; the run matches the automatic
-    one's (central differences) closely."""
+    one's (forward differences) closely."""
     example = _lightning_example()
     with _quiet_lightning():
         manual = example.main(["--steps", "30", "--manual"])
@@ -157,7 +157,7 @@ def test_lightning_equals_a_plain_loop(method: str) -> None:
     close(fitted.hypergradients(), opt.hypergradients())
     close(list(module.net.parameters()), list(plain.net.parameters()))
     assert float(fitted.hyperparameters()[0]["lr"]) != pytest.approx(0.01, rel=1e-3)
-    calls = 25 + (3 * 2 * 4 if method == "ift" else 0)
+    calls = 25 + (3 * 4 if method == "ift" else 0)  # forward differences: one per product
     assert module.loss_evaluations == calls
 
 
@@ -181,7 +181,7 @@ def test_a_collected_lightning_wrapper_leaves_the_optimizer_working() -> None:
     for _ in range(4):
         opt.step(_torch_closure(opt, model, x, y))
     assert opt.hyper_state["hyper_steps"] == 2
-    assert opt.state_dict()["hyper"]["resolved_hvp"] == "finite_difference"
+    assert opt.state_dict()["hyper"]["resolved_hvp"] == "forward_difference"
 
 
 # -- the hyper-step hook ------------------------------------------------------------------------

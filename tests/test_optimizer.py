@@ -661,6 +661,48 @@ def test_autograd_hvp_rejects_a_closure_that_calls_backward(case: OptimizerCase)
         train(opt, model, data, range(1))
 
 
+@pytest.mark.parametrize(
+    ("method", "options", "expected", "extra_calls"),
+    [
+        ("ift", {"update_interval": 4, "neumann_steps": 3}, "forward_difference", 3),
+        ("forward", {"horizon": 8, "windows": 2}, "finite_difference", None),
+    ],
+)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_auto_takes_the_methods_differences_with_torchs_closure(
+    case: OptimizerCase, method: str, options: dict[str, Any], expected: str, extra_calls: Any
+) -> None:
+    """``hvp="auto"`` with torch's closure: one closure call per product in the one-pass methods
+    (forward differences), the same hypergradients as ``hvp="forward_difference"`` named;
+    central ones in forward mode, where the products' errors accumulate in the tangents."""
+
+    def run(hvp: str) -> tuple[Any, int]:
+        model, data = make_model(), make_data(8)
+        opt = case.make(model.parameters(), method=method, hvp=hvp, **options)
+        calls = [0]
+
+        def counted(closure: Any) -> Any:
+            def wrapper() -> Any:
+                calls[0] += 1
+                return closure()
+
+            return wrapper
+
+        val = val_closure(model, data)
+        for t in range(8):
+            opt.step(counted(train_closure(opt, model, data.batches[t])), val_closure=val)
+        assert opt.state_dict()["hyper"]["resolved_hvp"] == (expected if hvp == "auto" else hvp)
+        return opt.hypergradients(), calls[0]
+
+    auto, auto_calls = run("auto")
+    named, named_calls = run(expected)
+    assert auto_calls == named_calls
+    if extra_calls is not None:
+        assert auto_calls == 8 + 2 * extra_calls  # two hyper-steps, one call per product
+    for (name, a), (_, b) in zip(flat(auto), flat(named), strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_step_without_closure_warns_once_and_trains(case: OptimizerCase) -> None:
     model, data = make_model(), make_data(6)

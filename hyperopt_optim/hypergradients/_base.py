@@ -538,6 +538,11 @@ class HypergradientMethod(ABC):
     options: ClassVar[tuple[str, ...]] = ()
     #: the Hessian-vector product providers the method can use
     hvp_providers: ClassVar[tuple[str, ...]] = HVP_PROVIDERS
+    #: the differences ``hvp="auto"`` takes where products cannot be exact (torch's closure, a
+    #: compiled model): forward ones, one gradient per product where central ones take two;
+    #: they tune as well on the tuning suite (benchmarks/results/suite_forwarddiff.md), at an
+    #: error of about u^(1/2) against u^(2/3) (docs/choosing.md)
+    auto_differences: ClassVar[str] = "forward_difference"
     #: the method needs a training closure (or ``loss_fn``) on every step, and why
     requires_closure: ClassVar[str | None] = None
     #: the method takes ``step(loss_fn=...)`` instead of a closure
