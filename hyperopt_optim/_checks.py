@@ -172,13 +172,20 @@ def check_positive_int(argument: str, value: object, default: int) -> int:
 # -- what is learned ---------------------------------------------------------------------------
 
 
-def check_learn(learn: object, learnable: tuple[str, ...]) -> tuple[str, ...]:
+def check_learn(
+    learn: object, learnable: tuple[str, ...], *, allow_empty: bool = False
+) -> tuple[str, ...]:
+    """``learn`` as a tuple of learnable names; empty only where ``allow_empty`` (the optimizer
+    has loss hyperparameters to learn instead)."""
     names = (learn,) if isinstance(learn, str) else learn
     if not isinstance(names, Iterable):
         raise TypeError(f"learn must be a name or a sequence of names, got {learn!r}")
     names = tuple(names)
-    if not names:
-        raise ValueError(f"learn must name at least one of {learnable}, got {learn!r}")
+    if not names and not allow_empty:
+        raise ValueError(
+            f"learn must name at least one of {learnable}, got {learn!r} (learn=() is allowed "
+            "with loss_hyperparameters=[...])"
+        )
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"learn must hold names (str), got {name!r} in {learn!r}")

@@ -52,6 +52,11 @@ def _zeros_for_none(grads: list[Tensor | None], like: list[Tensor]) -> list[Tens
     return [torch.zeros_like(p) if g is None else g for p, g in zip(like, grads, strict=True)]
 
 
+def _grads_of(xs: list[Tensor]) -> list[Tensor]:
+    """The ``.grad`` of each of ``xs`` (zeros for none), detached."""
+    return [torch.zeros_like(x) if x.grad is None else x.grad.detach() for x in xs]
+
+
 def validation_gradient(
     val_closure: Closure,
     params: list[Tensor],
@@ -132,6 +137,15 @@ class StepProducts:
             return self._columns(directions)
         return batched_products(self, directions)
 
+    def mixed(self, directions: list[Tensor], wrt: list[Tensor]) -> list[Tensor]:
+        r"""``∂/∂λ ⟨d, ∇_w L(w, λ)⟩`` for the tensors ``wrt`` the training loss reads."""
+        if self._single is None:
+            self._single = self._make()
+        mixed = getattr(self._single, "mixed", None)
+        if mixed is None:
+            raise RuntimeError("these Hessian-vector products give no mixed products")
+        return cast(list[Tensor], mixed(directions, wrt))
+
     def add_to(self, directions: list[Tensor], targets: list[Tensor]) -> None:
         """``targets += H d``, through the provider's own ``add_to`` where it has one
         (finite differences: one gradient held at a time), else by adding the product."""
@@ -182,6 +196,13 @@ class Closures:
         self._loss_only = False
         #: the step's update is done: finite differences put the weights back by redoing it
         self.updated = False
+        #: tensors the training loss reads whose hypergradients are taken (the optimizer's
+        #: ``loss_hyperparameters``): the products also give their mixed products
+        self.loss_hyper: list[Tensor] = []
+        #: their gradient at the step's point (raw: of the scaled loss, this rank's), and at
+        #: the last evaluation for a product (unscaled, averaged over the ranks)
+        self._extra_at_point: list[Tensor] | None = None
+        self._extra_last: list[Tensor] = []
 
     def watch(self, p: Tensor) -> None:
         """Count the backward passes that reach ``p`` (torch's closure calls ``backward()``)."""
@@ -215,6 +236,9 @@ class Closures:
         """
         self._graph, self._functional = None, None
         self.updated = False
+        self._extra_at_point = None
+        for x in self.loss_hyper:  # a closure's backward() adds to them: this step's alone
+            x.grad = None
         if loss_fn is not None:
             with torch.enable_grad():
                 loss = check_training_loss(loss_fn(trainable))
@@ -248,16 +272,24 @@ class Closures:
                     self.resolved = self._auto_differences()
                 if self.replicas is not None:  # DDP's backward() must have averaged them
                     self.replicas.check_gradients([p.grad for p in trainable if p.grad is not None])
+                if exact and self.loss_hyper:
+                    self._extra_at_point = _grads_of(self.loss_hyper)
                 return loss
             self._loss_only = True
             scaled = self._scaled(check_training_loss(loss))
+            extra = self.loss_hyper if exact else []
             try:
-                grads = grad(scaled, trainable, create_graph=graph_wanted)
+                grads = grad(scaled, trainable + extra, create_graph=graph_wanted)
             except RuntimeError as err:
                 if not (graph_wanted and _no_double_backward(err)):
                     raise
                 self.fall_back(err)
                 return self.run(closure, loss_fn, trainable, exact)  # again, without a graph
+        if extra:
+            grads, at_point = grads[: len(trainable)], grads[len(trainable) :]
+            self._extra_at_point = _zeros_for_none(
+                [g.detach() if g is not None else None for g in at_point], extra
+            )
         self._set_gradients(trainable, grads)
         if self.hvp == "auto":
             self.resolved = self._auto_differences() if self.no_double_backward else "autograd"
@@ -333,15 +365,31 @@ class Closures:
         """The training gradient of ``live`` at the parameters' current values (unscaled, and
         averaged over the ranks)."""
         before = self._count[0]
-        for p in live:  # a closure that does not zero them (gradient accumulation) adds to them
-            p.grad = None  # the step's own gradient is kept elsewhere and put back after
+        extra = self.loss_hyper
+        for p in (*live, *extra):  # a closure that does not zero them (gradient accumulation)
+            p.grad = None  # adds to them; the step's own gradient is kept elsewhere
         with torch.enable_grad():
             loss = closure()
             if self._count[0] != before:  # averaged by DDP's backward(), if distributed
                 grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in live]
+                if extra:  # this rank's (the loss's hyperparameters are not DDP's)
+                    self._extra_last = _shared(_grads_of(extra), self.replicas, self.scale)
+                    for x in extra:
+                        x.grad = None
                 return _shared(grads, None, self.scale)
-            grads = _zeros_for_none(grad(self._scaled(check_training_loss(loss)), live), live)
+            loss = self._scaled(check_training_loss(loss))
+            grads = _zeros_for_none(grad(loss, live + extra), live + extra)
+        if extra:
+            grads, lam = grads[: len(live)], grads[len(live) :]
+            self._extra_last = _shared(lam, self.replicas, self.scale)
         return _shared(grads, self.replicas, self.scale)
+
+    def extra_at_point(self) -> list[Tensor] | None:
+        """The gradient of the loss's hyperparameters at the step's point (unscaled, averaged
+        over the ranks), when the step's evaluation gave it."""
+        if self._extra_at_point is None:
+            return None
+        return _shared([x.clone() for x in self._extra_at_point], self.replicas, self.scale)
 
     def _exact(self, products: StepProducts, *, scaled: bool = True) -> StepProducts:
         """Exact products of this rank's loss (``scaled``: of the scaled loss): unscaled and
@@ -480,6 +528,8 @@ class Closures:
                 central=central,
                 fresh=fresh,
                 restore=redo if can_redo else None,
+                extra=(lambda: self._extra_last) if self.loss_hyper else None,
+                extra_at_point=self.extra_at_point() if at_point and self.loss_hyper else None,
             )
 
         return StepProducts(make)
@@ -527,6 +577,9 @@ class _Fallback(StepProducts):
     def columns(self, directions: list[Tensor]) -> list[Tensor]:
         return self._run(lambda products: products.columns(directions))
 
+    def mixed(self, directions: list[Tensor], wrt: list[Tensor]) -> list[Tensor]:
+        return self._run(lambda products: products.mixed(directions, wrt))
+
     def add_to(self, directions: list[Tensor], targets: list[Tensor]) -> None:
         if self._exact is None:
             self._differences.add_to(directions, targets)
@@ -546,6 +599,9 @@ class _Mapped(StepProducts):
 
     def columns(self, directions: list[Tensor]) -> list[Tensor]:
         return self._after(self._inner.columns(directions))
+
+    def mixed(self, directions: list[Tensor], wrt: list[Tensor]) -> list[Tensor]:
+        return self._after(self._inner.mixed(directions, wrt))
 
 
 class _Scattered(StepProducts):
@@ -571,6 +627,11 @@ class _Scattered(StepProducts):
             return [torch.zeros_like(d) for d in directions]
         inner = self._inner.columns([directions[i] for i in self._variable])
         return self._scatter(directions, inner)
+
+    def mixed(self, directions: list[Tensor], wrt: list[Tensor]) -> list[Tensor]:
+        if not self._variable:
+            return [torch.zeros_like(x) for x in wrt]
+        return self._inner.mixed([directions[i] for i in self._variable], wrt)
 
 
 def _one_column(columns: HVP) -> HVP:

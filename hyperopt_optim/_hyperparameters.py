@@ -128,13 +128,24 @@ class LearnedHyperparameters:
     def record_hypergradients(self, natural: NaturalHypergradients) -> None:
         self.last = clone_values(natural)
 
-    def step_learned(self, natural: NaturalHypergradients, *, record: bool = True) -> bool:
-        """Chain ``dL/dλ`` (one value per learned value) into ``φ`` and step the hyper-optimizer;
-        ``False`` (skipped, counted and warned) when a hypergradient is not finite."""
+    def step_learned(
+        self,
+        natural: NaturalHypergradients,
+        *,
+        record: bool = True,
+        loss: list[Tensor] | None = None,
+    ) -> bool:
+        """Chain ``dL/dλ`` (one value per learned value) into ``φ`` and step the hyper-optimizer,
+        and the loss hyperparameters along ``loss``; ``False`` (skipped, counted and warned,
+        nothing stepped) when a hypergradient is not finite."""
         flat = [x for group in natural for xs in group.values() for x in xs]
-        if not _all_finite(flat):
+        if not _all_finite(flat + (loss or [])):
             self.skip("a hypergradient is not finite")
             return False
+        if loss is not None:
+            loss_hyper = self._opt._loss_hyper
+            assert loss_hyper is not None
+            loss_hyper.step(loss)
         if record:
             self.record_hypergradients(natural)
         optimizer = self.hyper_optimizer
@@ -166,9 +177,11 @@ class LearnedHyperparameters:
 
     # -- what the optimizer asks --------------------------------------------------------------
 
-    def apply(self, elementwise: ElementwiseHypergradients | None) -> bool:
-        """Reduce element-wise ``dL/dλ`` to each value's granularity and step; whether the
-        learned values moved."""
+    def apply(
+        self, elementwise: ElementwiseHypergradients | None, loss: list[Tensor] | None = None
+    ) -> bool:
+        """Reduce element-wise ``dL/dλ`` to each value's granularity and step (and the loss
+        hyperparameters along ``loss``, when given); whether the learned values moved."""
         if elementwise is None:
             return False
         natural: NaturalHypergradients = []
@@ -177,7 +190,7 @@ class LearnedHyperparameters:
             for name, lv in learned.items():
                 reduced[name] = lv.reduce(_place(hg.values[name], hg.indices, group["params"], lv))
             natural.append(reduced)
-        return self.step_learned(natural)
+        return self.step_learned(natural, loss=loss)
 
     def take_external_writes(self) -> set[tuple[int, str]]:
         """Take up values written into the param groups from outside; returns which.  Each

@@ -188,16 +188,17 @@ class DivergenceGuard:
         self._count = int(interval.get("count", 0)) if self._sum is not None else 0
 
 
-def warn_divergence(name: str, step: int, backed_off: bool) -> None:
+def warn_divergence(name: str, step: int, backed_off: bool, loss_hyper: bool = False) -> None:
     what = (
         "the learned learning rate was divided by 10"
         if backed_off
         else "the learning rate is not learned, so it stays"
     )
+    how = f"not finite, or risen by {DivergenceGuard.factor:g}x the first loss"
+    restored = "the weights and the loss hyperparameters were" if loss_hyper else "the weights were"
     warnings.warn(
-        f"{name}: the training loss diverged in the steps before step {step} (not finite, or "
-        f"risen by {DivergenceGuard.factor:g}x the first loss); the weights were restored to the "
-        f"last healthy point, the optimizer state restarted and {what} "
+        f"{name}: the training loss diverged in the steps before step {step} ({how}); "
+        f"{restored} restored to the last healthy point, the optimizer state restarted and {what} "
         "(hyper_state['divergences'] counts this; divergence_guard=False turns it off)",
         RuntimeWarning,
         stacklevel=4,

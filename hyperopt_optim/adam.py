@@ -50,7 +50,7 @@ class HyperAdam(HyperOptimizer):
             (default: ``("lr",)``).
         granularity, method, neumann_steps, update_interval, hyper_optimizer, hvp, bounds,
         horizon, windows, mode, clamps, backtrack, divergence_guard, keep_best, process_group,
-        grad_scaler, hvp_batch_fraction:
+        grad_scaler, hvp_batch_fraction, loss_hyperparameters, loss_hyper_optimizer, solver:
             as for :class:`~hyperopt_optim.HyperSGD`; the default bounds are lr [1e-8, 10],
             weight decay [1e-10, 10], eps [1e-16, 1], betas [1e-6, 1 - 1e-6].
     """
@@ -93,6 +93,9 @@ class HyperAdam(HyperOptimizer):
         process_group: Any = None,
         grad_scaler: Any = None,
         hvp_batch_fraction: float = 1.0,
+        loss_hyperparameters: Iterable[Tensor] | None = None,
+        loss_hyper_optimizer: HyperOptimizerFactory | None = None,
+        solver: str = "neumann",
     ) -> None:
         flags = {
             "amsgrad": amsgrad,
@@ -141,6 +144,9 @@ class HyperAdam(HyperOptimizer):
             process_group=process_group,
             grad_scaler=grad_scaler,
             hvp_batch_fraction=hvp_batch_fraction,
+            loss_hyperparameters=loss_hyperparameters,
+            loss_hyper_optimizer=loss_hyper_optimizer,
+            solver=solver,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:
@@ -223,6 +229,9 @@ class HyperAdamW(HyperAdam):
         process_group: Any = None,
         grad_scaler: Any = None,
         hvp_batch_fraction: float = 1.0,
+        loss_hyperparameters: Iterable[Tensor] | None = None,
+        loss_hyper_optimizer: HyperOptimizerFactory | None = None,
+        solver: str = "neumann",
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
@@ -237,4 +246,7 @@ class HyperAdamW(HyperAdam):
             process_group=process_group,
             grad_scaler=grad_scaler,
             hvp_batch_fraction=hvp_batch_fraction,
+            loss_hyperparameters=loss_hyperparameters,
+            loss_hyper_optimizer=loss_hyper_optimizer,
+            solver=solver,
         )  # fmt: skip

@@ -57,6 +57,11 @@ from ._closures import Closures, LossFn
 from ._distributed import check_not_sharded, resolve_process_group
 from ._hyperparameters import LearnedHyperparameters
 from ._learned import Granularity, LearnedValue
+from ._loss_hyper import (
+    DEFAULT_LOSS_HYPER_LR,
+    LossHyperparameters,
+    check_loss_hyperparameters,
+)
 from ._safeguards import BestWeights, DivergenceGuard, warn_divergence
 from .hypergradients import (
     METHODS,
@@ -91,6 +96,9 @@ for every optimizer's per-weight values (``SharedAdam``), and for ``"hd"`` and `
 ``HyperAdam`` and ``HyperAdamW`` with ``"greedy"``/``"ift"`` use
 :attr:`HyperOptimizer.default_hyper_lr` (0.1), chosen on the tuning suite."""
 
+SOLVERS = ("neumann", "cg")
+"""How the hypergradient of loss hyperparameters is solved for (``solver=``)."""
+
 
 def _default_element_hyper_optimizer(params: list[Tensor]) -> Optimizer:
     return SharedAdam(params, lr=DEFAULT_HYPER_LR)  # and its default deviation_lr
@@ -118,6 +126,15 @@ def _covering(saved: dict[str, Any], key: str, params: list[Tensor], what: str) 
         stacklevel=3,
     )
     return {**saved, key: None}
+
+
+def _no_values(params: list[Tensor]) -> Optimizer:
+    """The hyper-optimizer of no learned values (``learn=()``): never has anything to step."""
+    return torch.optim.Adam([{"params": list(params)}], lr=DEFAULT_HYPER_LR)
+
+
+def _default_loss_hyper_optimizer(params: list[Tensor]) -> Optimizer:
+    return torch.optim.Adam(params, lr=DEFAULT_LOSS_HYPER_LR)
 
 
 def _remove_hooks(closures: Closures) -> None:
@@ -167,8 +184,13 @@ class HyperOptimizer(Optimizer):
         process_group: Any = None,
         grad_scaler: Any = None,
         hvp_batch_fraction: float = 1.0,
+        loss_hyperparameters: Iterable[Tensor] | None = None,
+        loss_hyper_optimizer: HyperOptimizerFactory | None = None,
+        solver: str = "neumann",
     ) -> None:
-        self.learn = check_learn(learn, self.rule.learnable)
+        self.learn = check_learn(
+            learn, self.rule.learnable, allow_empty=loss_hyperparameters is not None
+        )
         self.granularity = check_granularity(granularity, self.learn)
         self.method = check_choice("method", method, tuple(METHODS))
         # the default (None) is resolved at the first step: the process group may be
@@ -214,8 +236,13 @@ class HyperOptimizer(Optimizer):
         self._hyper_step_hooks: OrderedDict[int, HyperStepHook] = OrderedDict()
         self.hyper_optimizer: Optimizer | None = None
         super().__init__(params, defaults)
+        self._loss_hyper = self._build_loss_hyperparameters(
+            loss_hyperparameters, loss_hyper_optimizer or hyper_optimizer, solver
+        )
         factory = hyper_optimizer
-        if factory is None:
+        if not self.learn:  # loss hyperparameters alone: nothing of the optimizer's to step
+            factory = _no_values
+        elif factory is None:
             factory = self._method.default_hyper_optimizer
         if factory is None:
             per_weight = any(self.granularity_of(name) == "element" for name in self.learn)
@@ -237,6 +264,98 @@ class HyperOptimizer(Optimizer):
         self._hyper.last = [
             self._method.zero_hypergradients(i, lv) for i, lv in enumerate(self._hyper.groups)
         ]
+
+    def _build_loss_hyperparameters(
+        self,
+        values: Iterable[Tensor] | None,
+        factory: HyperOptimizerFactory | None,
+        solver: str,
+    ) -> LossHyperparameters | None:
+        """Check ``loss_hyperparameters`` and ``solver`` against the method and ``learn``; the
+        tensors with their hyper-optimizer, or ``None`` without any."""
+        solver = check_choice("solver", solver, SOLVERS)
+        tensors = check_loss_hyperparameters(values, self._trainable_all())
+        method = self._method
+        if not tensors:
+            if not self.learn:
+                raise ValueError(
+                    "learn=() learns none of the optimizer's hyperparameters: it needs "
+                    "loss_hyperparameters=[...] to have something to learn"
+                )
+            if solver != "neumann":
+                raise ValueError(
+                    f"solver={solver!r} solves for loss hyperparameters only: pass "
+                    "loss_hyperparameters=[...], or leave solver='neumann'"
+                )
+            return None
+        if not method.takes_loss_hyperparameters:
+            takers = methods_where(lambda cls: cls.takes_loss_hyperparameters)
+            raise ValueError(
+                f"method={self.method!r} does not learn loss_hyperparameters"
+                + (" (it has no validation loss)" if not method.uses_validation else "")
+                + f": use {takers}"
+            )
+        if solver == "cg":
+            if self.method != "ift":
+                raise ValueError(
+                    f"solver='cg' is the implicit function theorem of method='ift', not "
+                    f"method={self.method!r}"
+                )
+            if self.learn:
+                raise ValueError(
+                    f"solver='cg' assumes a stationary point of the training loss, which the "
+                    f"optimizer's own hyperparameters do not move: pass learn=() (got learn="
+                    f"{self.learn!r}), or use solver='neumann' to learn both"
+                )
+            if method.neumann_steps < 1:
+                raise ValueError("solver='cg' needs neumann_steps >= 1 (its iterations)")
+            for i, group in enumerate(self.param_groups):
+                if group.get("decoupled_weight_decay") and group.get("weight_decay", 0) != 0:
+                    raise ValueError(
+                        f"solver='cg' assumes a stationary point of the training loss, which "
+                        f"a decoupled weight_decay moves (param group {i}: weight_decay="
+                        f"{group['weight_decay']!r}): set weight_decay=0 and decay in the "
+                        "closure's loss, or use solver='neumann'"
+                    )
+        if factory is not None and not callable(factory):
+            raise TypeError(
+                "loss_hyper_optimizer must be a callable taking a list of tensors and returning "
+                f"a torch.optim.Optimizer, got {factory!r}"
+            )
+        method.loss_hyperparameters = True  # type: ignore[attr-defined]  # a one-pass method
+        method.solver = solver  # type: ignore[attr-defined]
+        self._closures.loss_hyper = tensors
+        return LossHyperparameters(tensors, factory or _default_loss_hyper_optimizer)
+
+    def _check_saved_loss_hyper(self, saved: dict[str, Any] | None) -> None:
+        """A saved state of loss hyperparameters fits this optimizer's (or there is none)."""
+        if saved is None:
+            return
+        if self._loss_hyper is None:
+            raise ValueError(
+                "load_state_dict: the state dict holds the hyper-optimizer state of "
+                f"{len(saved['hypergradients'])} loss hyperparameters, and this optimizer has "
+                "none: build it with the same loss_hyperparameters=[...]"
+            )
+        self._loss_hyper.check_state_dict(saved)
+
+    def _trainable_all(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def loss_hypergradients(self) -> list[Tensor]:
+        """``dL_V/dμ`` of the last hyper-step for each of ``loss_hyperparameters``, shaped
+        like them (zeros before the first; ``[]`` without loss hyperparameters)."""
+        return [] if self._loss_hyper is None else self._loss_hyper.hypergradients()
+
+    @property
+    def loss_hyperparameters(self) -> list[Tensor]:
+        """The tensors given as ``loss_hyperparameters`` (the user's own, stepped in place)."""
+        return [] if self._loss_hyper is None else list(self._loss_hyper.tensors)
+
+    @property
+    def loss_hyper_optimizer(self) -> Optimizer | None:
+        """The hyper-optimizer of the loss hyperparameters (``None`` without any)."""
+        return None if self._loss_hyper is None else self._loss_hyper.optimizer
 
     def _default_hyper_optimizer(self, params: list[Tensor]) -> Optimizer:
         # the suite chose default_hyper_lr for the methods that step one value per name on the
@@ -287,7 +406,7 @@ class HyperOptimizer(Optimizer):
             self.param_groups.pop()
             raise
         if self._guard is not None:  # its point to come back to covers the new group too (the
-            self._guard.good.extend(self._trainable())  # others keep their healthy copy)
+            self._guard.good.extend(self._guarded())  # others keep their healthy copy)
         if self._best is not None:  # a loss seen without the new group is no longer comparable
             self._best = BestWeights()
         if self.hyper_optimizer is not None:
@@ -452,6 +571,11 @@ class HyperOptimizer(Optimizer):
         t = self._hyper.counters["step"]
         hyper_steps = self._hyper.counters["hyper_steps"]
         plan = self._method.plan(t)
+        if plan.snapshot and self._loss_hyper is not None and closure is None:
+            raise ValueError(
+                "loss_hyperparameters need a training closure on every hyper-step: their "
+                "hypergradient differentiates the training loss again; pass step(closure)"
+            )
         if plan.products and closure is None and loss_fn is None:
             self._warn_no_closure()
             plan = dataclasses.replace(plan, products=0)
@@ -482,6 +606,8 @@ class HyperOptimizer(Optimizer):
             return loss
         self._hyper.validation_loss = None
         ctx = StepContext(self._hyper, t, None, self._gradients_of, val_closure)
+        if self._loss_hyper is not None:
+            ctx.loss_hyperparameters = self._loss_hyper.tensors
         views = [self._gather(i) for i in range(len(self.param_groups))]
         # Finite differences move the live weights and call the closure: they need a copy of
         # the point.  The closure's backward writes new .grad tensors (they are cleared
@@ -512,7 +638,7 @@ class HyperOptimizer(Optimizer):
                         self._update(i, params, g.grads, state, g.hp)
             self._hyper.counters["step"] = t + 1
             self._closures.updated = True
-            self._hyper.apply(self._method.after_update(ctx))
+            self._hyper.apply(self._method.after_update(ctx), ctx.loss_hypergradients)
             self._after_step(t + 1)
         finally:
             self._closures.release()
@@ -559,6 +685,13 @@ class HyperOptimizer(Optimizer):
             ) from err
         return found_inf(scaler, self)
 
+    def _guarded(self) -> list[Tensor]:
+        """What the divergence guard keeps and restores: the trainable parameters, and the
+        loss hyperparameters (which a divergence may have come from)."""
+        loss_hyper = getattr(self, "_loss_hyper", None)  # None while torch's __init__ runs
+        extra = [] if loss_hyper is None else list(loss_hyper.tensors)
+        return self._trainable() + extra
+
     def _watch(self, loss: Any, t: int) -> bool | None:
         """Give the divergence guard this step's training loss; at the end of an interval,
         whether the run diverged (``None`` between checks).  Between checks this only adds the
@@ -567,7 +700,7 @@ class HyperOptimizer(Optimizer):
         if guard is None:
             return None
         if guard.good.tensors is None:  # the first point to come back to (again after
-            guard.good.keep(self._trainable())  # add_param_group): the weights now
+            guard.good.keep(self._guarded())  # add_param_group): the weights now
         replicas = self._closures.replicas
         if replicas is not None and isinstance(loss, float | int) and not isinstance(loss, bool):
             device = next(iter(self._trainable()), torch.empty(0)).device
@@ -579,19 +712,21 @@ class HyperOptimizer(Optimizer):
         maximize = any(group.get("maximize", False) for group in self.param_groups)
         diverged = guard.check(maximize)
         if not diverged and guard.current_ok:
-            guard.good.keep(self._trainable())  # w_t, whose loss the closure just gave
+            guard.good.keep(self._guarded())  # w_t (and μ), whose loss the closure just gave
         return diverged
 
     def _back_off(self, t: int) -> None:
         """The guard saw a divergence: restore, restart the state, divide a learned lr."""
         assert self._guard is not None and self.hyper_optimizer is not None
         self._closures.release()
-        params = self._trainable()
-        if not self._guard.good.holds(params):  # requires_grad switched since the last check:
-            self._guard.good.keep(params)  # nothing to go back to but where it is
-        self._guard.good.restore(params)
-        for p in params:
+        guarded = self._guarded()
+        if not self._guard.good.holds(guarded):  # requires_grad switched since the last check:
+            self._guard.good.keep(guarded)  # nothing to go back to but where it is
+        self._guard.good.restore(guarded)  # the weights, and loss hyperparameters with them
+        for p in self._trainable():
             self.state.pop(p, None)
+        if self._loss_hyper is not None:
+            self._loss_hyper.optimizer.state.clear()
         backed_off = False
         for index, learned in enumerate(self._hyper.groups):
             lv = learned.get("lr")
@@ -608,7 +743,7 @@ class HyperOptimizer(Optimizer):
         self._method.restart(self._hyper.groups)
         self._hyper.counters["divergences"] += 1
         self._hyper.counters["step"] = t + 1
-        warn_divergence(type(self).__name__, t + 1, backed_off)
+        warn_divergence(type(self).__name__, t + 1, backed_off, self._loss_hyper is not None)
 
     def _after_step(self, step: int) -> None:
         """Keep the best weights seen."""
@@ -813,6 +948,7 @@ class HyperOptimizer(Optimizer):
             "no_double_backward": self._closures.no_double_backward,
             "guard": None if self._guard is None else self._guard.state_dict(),
             "best": None if self._best is None else self._best.state_dict(),
+            "loss_hyper": None if self._loss_hyper is None else self._loss_hyper.state_dict(),
         }
         return state
 
@@ -837,6 +973,7 @@ class HyperOptimizer(Optimizer):
             check_saved_shapes(self._hyper.groups, hyper["phi"])
             check_saved_values(self._hyper.groups, hyper["phi"], state_dict.get("param_groups", []))
             self._method.check_state_dict(hyper["method"])
+            self._check_saved_loss_hyper(hyper.get("loss_hyper"))
         else:
             check_saved_group_values(self._hyper.groups, state_dict.get("param_groups", []))
         super().load_state_dict(state_dict)
@@ -848,13 +985,18 @@ class HyperOptimizer(Optimizer):
         self._hyper.load_state_dict(hyper)
         assert self.hyper_optimizer is not None
         self.hyper_optimizer.load_state_dict(hyper["hyper_optimizer"])
+        if self._loss_hyper is not None and hyper.get("loss_hyper") is not None:
+            self._loss_hyper.load_state_dict(hyper["loss_hyper"])
         self._method.load_state_dict(hyper["method"], [g["params"] for g in self.param_groups])
         if self.hvp == "auto":
             self._closures.resolved = hyper.get("resolved_hvp")
         self._closures.no_double_backward = bool(hyper.get("no_double_backward", False))
         params = self._trainable()
         if self._guard is not None and hyper.get("guard") is not None:
-            self._guard.load_state_dict(_covering(hyper["guard"], "good", params, "guard"), params)
+            guarded = self._guarded()
+            self._guard.load_state_dict(
+                _covering(hyper["guard"], "good", guarded, "guard"), guarded
+            )
         if self._best is not None and hyper.get("best") is not None:
             best = _covering(hyper["best"], "params", params, "keep_best")
             if best["params"] is None:

@@ -120,6 +120,16 @@ class HyperSGD(HyperOptimizer):
             the loss on that part of its batch (e.g. the first ``ceil(f * len(batch))``
             examples, the same ones each time); the update still uses the whole batch's
             gradient.  A product then costs about ``f`` of one on the whole batch.
+        loss_hyperparameters: tensors the training closure reads (a weight decay per weight,
+            loss-term weights, a distilled training set...) that ``"greedy"``/``"ift"`` learn
+            too, by one mixed second-derivative product per hyper-step (Lorraine, Vicol &
+            Duvenaud 2020): floating-point leaf tensors with ``requires_grad=True`` that are
+            not trained here.  They are stepped in place; save them as you save the model.
+        loss_hyper_optimizer: a factory like ``hyper_optimizer`` for them (default:
+            ``hyper_optimizer`` if given, else ``torch.optim.Adam(params, lr=0.01)``).
+        solver: ``"neumann"`` (the one-pass series) or ``"cg"`` (the implicit function
+            theorem at a stationary point, ``neumann_steps`` conjugate-gradient iterations;
+            ``method="ift"`` and ``learn=()`` only).
 
     Example:
         >>> import torch
@@ -210,6 +220,9 @@ class HyperSGD(HyperOptimizer):
         process_group: Any = None,
         grad_scaler: Any = None,
         hvp_batch_fraction: float = 1.0,
+        loss_hyperparameters: Iterable[Tensor] | None = None,
+        loss_hyper_optimizer: HyperOptimizerFactory | None = None,
+        solver: str = "neumann",
     ) -> None:
         check_torch_flags({"nesterov": nesterov, "maximize": maximize}, foreach)
         if differentiable is not False:
@@ -251,6 +264,9 @@ class HyperSGD(HyperOptimizer):
             process_group=process_group,
             grad_scaler=grad_scaler,
             hvp_batch_fraction=hvp_batch_fraction,
+            loss_hyperparameters=loss_hyperparameters,
+            loss_hyper_optimizer=loss_hyper_optimizer,
+            solver=solver,
         )
 
     def _check_group(self, group: dict[str, Any], index: int | None) -> None:

@@ -48,6 +48,9 @@ class Scenario:
     float_loss: bool = False
     #: compared with one process trained on the whole batches
     reference: bool = False
+    #: the training loss reads loss hyperparameters (a log weight decay, and one per weight of
+    #: the first layer) that the optimizer learns; they end the run with the weights
+    loss_hyper: bool = False
 
 
 SGD = {"lr": 0.05, "momentum": 0.9, "update_interval": 4}
@@ -112,6 +115,20 @@ SCENARIOS = [
     Scenario("not-ddp", kwargs=SGD, ddp=False),
     Scenario("not-ddp-no-closure", kwargs=SGD, ddp=False, closure="none"),
     Scenario("sgd-greedy-no-closure", kwargs=SGD, closure="none", reference=True),
+    Scenario(
+        "sgd-ift-loss-hyperparameters-differences",
+        kwargs={**SGD, "method": "ift"},
+        reference=True,
+        loss_hyper=True,
+    ),
+    Scenario(
+        "adam-greedy-loss-hyperparameters-autograd",
+        HyperAdam,
+        ADAM,
+        closure="loss",
+        reference=True,
+        loss_hyper=True,
+    ),
 ]
 
 
@@ -146,7 +163,23 @@ def train(scenario: Scenario, rank: int, world: int) -> dict[str, Any]:
     """Train ``scenario`` on shard ``rank`` of ``world`` (``world=1``: the whole batches)."""
     net = model()
     wrapped: nn.Module = DistributedDataParallel(net) if scenario.ddp and world > 1 else net
-    opt = scenario.cls(net.parameters(), **scenario.kwargs)
+    mus: list[Tensor] = []
+    kwargs = dict(scenario.kwargs)
+    if scenario.loss_hyper:
+        mus = [
+            torch.full((), math.log(1e-2), dtype=torch.float64, requires_grad=True),
+            torch.full_like(net[0].weight, math.log(1e-2)).requires_grad_(),
+        ]
+        kwargs["loss_hyperparameters"] = mus
+        kwargs["loss_hyper_optimizer"] = lambda xs: torch.optim.Adam(xs, lr=0.1)
+    opt = scenario.cls(net.parameters(), **kwargs)
+
+    def penalty() -> Tensor | float:
+        if not mus:
+            return 0.0
+        square = sum((p**2).sum() for p in net.parameters())
+        return mus[0].exp() * square + 0.5 * (mus[1].exp() * net[0].weight ** 2).sum()
+
     batches, (xv, yv) = data()
     xv, yv = shard(xv, rank, world), shard(yv, rank, world)
     step = [0]
@@ -172,7 +205,7 @@ def train(scenario: Scenario, rank: int, world: int) -> dict[str, Any]:
             continue
 
         def closure(x: Tensor = x, y: Tensor = y, t: int = t) -> Any:
-            loss = cross_entropy(wrapped(x), y)
+            loss = cross_entropy(wrapped(x), y) + penalty()
             if scenario.closure in ("backward", "none"):
                 opt.zero_grad()
                 loss.backward()
@@ -186,7 +219,7 @@ def train(scenario: Scenario, rank: int, world: int) -> dict[str, Any]:
         else:
             opt.step(closure)
     return {
-        "weights": [p.detach().clone() for p in net.parameters()],
+        "weights": [p.detach().clone() for p in [*net.parameters(), *mus]],
         "learned": opt.hyperparameters(),
         "hyper_state": opt.hyper_state,
         "best": opt.best_validation_loss if scenario.kwargs.get("keep_best") else None,

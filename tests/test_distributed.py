@@ -4,6 +4,7 @@ and product provider, and equal (to rounding) one process trained on the whole b
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import sys
@@ -89,6 +90,18 @@ def test_equals_one_process_on_the_whole_batches(
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     for a, b in zip(_flat(ranked["learned"]), _flat(alone["learned"]), strict=True):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", [s.name for s in dw.SCENARIOS if s.loss_hyper])
+def test_loss_hyperparameters_are_learned_alike_on_every_rank(
+    outcomes: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The loss hyperparameters end with the weights (compared bitwise across ranks and with
+    one process above): here, that they moved."""
+    first = _ok(outcomes[name][0])
+    mu, per_weight = first["weights"][-2:]
+    assert float(mu) != pytest.approx(math.log(1e-2), abs=1e-9)
+    assert not torch.allclose(per_weight, torch.full_like(per_weight, math.log(1e-2)))
 
 
 def test_a_nan_validation_loss_on_one_rank_skips_the_hyper_step_on_both(

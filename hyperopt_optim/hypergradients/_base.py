@@ -429,6 +429,9 @@ class Products(Protocol):
     def columns(self, directions: list[Tensor]) -> list[Tensor]:
         """``H d`` for every leading column of ``directions`` (tensors ``(C, *shape)``)."""
 
+    def mixed(self, directions: list[Tensor], wrt: list[Tensor]) -> list[Tensor]:
+        """``∂/∂μ ⟨d, ∇_w L(w, μ)⟩`` for tensors ``wrt`` that the training loss reads."""
+
 
 @dataclass
 class StepContext:
@@ -453,6 +456,10 @@ class StepContext:
     gradients: Callable[[int, list[int]], list[Tensor]]
     val_closure: Closure | None = None
     hvp: Products | None = None
+    #: tensors the training loss reads whose hypergradients the method takes (the optimizer's
+    #: ``loss_hyperparameters``), and what it found for them on this step (``None``: none)
+    loss_hyperparameters: list[Tensor] = field(default_factory=list)
+    loss_hypergradients: list[Tensor] | None = None
 
     def validation_gradient(self, params: list[Tensor]) -> list[Tensor] | None:
         """``∇_w L_V`` at the current weights for ``params``, or ``None`` when the validation
@@ -543,6 +550,9 @@ class HypergradientMethod(ABC):
     #: they tune as well on the tuning suite (benchmarks/results/suite_forwarddiff.md), at an
     #: error of about u^(1/2) against u^(2/3) (docs/choosing.md)
     auto_differences: ClassVar[str] = "forward_difference"
+    #: the method takes hypergradients of tensors the training loss reads
+    #: (``loss_hyperparameters``); else the optimizer refuses them
+    takes_loss_hyperparameters: ClassVar[bool] = False
     #: the method needs a training closure (or ``loss_fn``) on every step, and why
     requires_closure: ClassVar[str | None] = None
     #: the method takes ``step(loss_fn=...)`` instead of a closure

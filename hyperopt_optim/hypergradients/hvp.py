@@ -86,6 +86,23 @@ class AutogradHVP:
             for hd, d in zip(products, directions, strict=True)
         ]
 
+    def mixed(self, directions: list[Tensor], wrt: list[Tensor]) -> list[Tensor]:
+        r"""The mixed products :math:`\partial_\lambda \langle d, \nabla_w L(w, \lambda)\rangle`
+        for the tensors ``wrt`` that the loss reads (its hyperparameters): the same double
+        backward as a product, to other leaves of the graph."""
+        index = {id(p): i for i, p in enumerate(self._params)}
+        if not self._pairs or not wrt:
+            return [torch.zeros_like(x) for x in wrt]
+        outputs = [g for _, g in self._pairs]
+        grad_outputs = [directions[index[id(p)]] for p, _ in self._pairs]
+        products: list[Tensor | None] = list(
+            torch.autograd.grad(outputs, wrt, grad_outputs, retain_graph=True, allow_unused=True)
+        )
+        return [
+            torch.zeros_like(x) if m is None else m.detach()
+            for m, x in zip(products, wrt, strict=True)
+        ]
+
     def batched(self, directions: list[Tensor]) -> list[Tensor]:
         """``H d`` for every leading column of ``directions`` in one batched double backward
         (``is_grads_batched``: autograd maps the backward over the columns)."""
@@ -124,6 +141,9 @@ class FiniteDifferenceHVP:
             are copied: DDP's gradient buckets are reused by the next backward).
         restore: puts the parameters back after each product (e.g. by redoing the step from
             the point, bit for bit); ``None``: a copy of their values now is put back.
+        extra: the gradient of the loss's hyperparameters at the last evaluation of
+            ``gradient`` (for :meth:`mixed`); ``extra_at_point``: theirs at the point, when the
+            step's own evaluation gave it.
     """
 
     def __init__(
@@ -136,8 +156,12 @@ class FiniteDifferenceHVP:
         central: bool = True,
         fresh: bool = False,
         restore: Callable[[], None] | None = None,
+        extra: Callable[[], list[Tensor]] | None = None,
+        extra_at_point: list[Tensor] | None = None,
     ) -> None:
         self._params = params
+        self._extra = extra
+        self._extra_at_point = extra_at_point
         self._fresh = fresh
         self._point = point
         self._grad = grad_at_point
@@ -203,6 +227,36 @@ class FiniteDifferenceHVP:
                 del moved
         finally:
             self._put_back()
+
+    def mixed(self, directions: list[Tensor], wrt: list[Tensor]) -> list[Tensor]:
+        r"""The mixed products :math:`\partial_\lambda \langle d, \nabla_w L\rangle` for the
+        loss's hyperparameters ``wrt``, by differences of their gradient along ``d``:
+        :math:`(\nabla_\lambda L(w + \epsilon d) - \nabla_\lambda L(w - \epsilon d))/2\epsilon`,
+        or forward ones from their gradient at the point, with the products' step."""
+        if self._extra is None:
+            raise RuntimeError("mixed products need the gradient of the loss's hyperparameters")
+        eps = self._eps(directions)
+        if eps is None:
+            return [torch.zeros_like(x) for x in wrt]
+        try:
+            plus = self._extra_at(directions, eps)
+            if self._central:
+                minus = self._extra_at(directions, -eps)
+                torch._foreach_sub_(plus, minus)
+                torch._foreach_div_(plus, 2 * eps)
+            else:
+                if self._extra_at_point is None:
+                    self._extra_at_point = self._extra_at(directions, 0.0)
+                torch._foreach_sub_(plus, self._extra_at_point)
+                torch._foreach_div_(plus, eps)
+        finally:
+            self._put_back()
+        return plus
+
+    def _extra_at(self, directions: list[Tensor], eps: float) -> list[Tensor]:
+        assert self._extra is not None
+        self._at(directions, eps)
+        return [x.detach().clone() for x in self._extra()]
 
     def _put_back(self) -> None:
         """The parameters back where they were when the products began."""
