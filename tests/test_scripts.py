@@ -364,3 +364,61 @@ def test_long_horizon_benchmark_smoke(tmp_path: Path) -> None:
     again = _run([script, "--smoke", "--out", str(out)], tmp_path)  # resumes: nothing to run
     assert again.returncode == 0, again.stderr[-2000:]
     assert len((out / "long_horizon_runs.jsonl").read_text().splitlines()) == 1
+
+
+def test_loss_hyper_capacity_benchmark_smoke(tmp_path: Path) -> None:
+    """``benchmarks/loss_hyper_capacity.py --quick``: the hypergradient check, the capacity
+    runs (global and per-weight decay, both solvers) and the noisy-label comparison."""
+    for module in ("sklearn", "matplotlib"):
+        pytest.importorskip(module)
+    out = tmp_path / "results"
+    done = _run(
+        [str(ROOT / "benchmarks" / "loss_hyper_capacity.py"), "--quick", "--out", str(out)],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "loss_hyper_capacity_quick.json").read_text())
+    check = {(row["solver"], row["K"], row["products"]): row for row in report["check"]}
+    assert check[("cg", 50, "autograd")]["rel_err_vs_exact"] < 1e-10
+    assert check[("neumann", 4, "autograd")]["rel_err_vs_own_series"] < 1e-10
+    variants = ["global", "per_weight", "global_cg", "per_weight_cg"]
+    assert list(report["capacity"]["runs"]) == variants
+    assert [seed["seed"] for seed in report["noisy"]["seeds"]] == [0, 1]
+    for name in ("loss_hyper_capacity_quick.png", "loss_hyper_noisy_labels_quick.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert "## 2. Noisy labels" in (out / "loss_hyper_capacity_quick.md").read_text()
+
+
+def test_loss_hyper_distill_benchmark_smoke(tmp_path: Path) -> None:
+    """``benchmarks/loss_hyper_distill.py --quick``, the logistic regression only: the learned
+    images and the random real ones evaluated on two seeds; the images' figure written."""
+    for module in ("sklearn", "matplotlib"):
+        pytest.importorskip(module)
+    out = tmp_path / "results"
+    script = str(ROOT / "benchmarks" / "loss_hyper_distill.py")
+    done = _run(
+        [script, "--quick", "--archs", "logreg", "--no-ablation", "--out", str(out)], tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "loss_hyper_distill_quick.json").read_text())
+    rows = report["evaluation"]["logreg"]
+    learned = rows["learned (this model)"]["per_seed"]["test_accuracy"]
+    assert len(learned) == 2
+    assert all(0.0 <= a <= 1.0 for a in learned)
+    assert (out / "loss_hyper_distill_quick.png").stat().st_size > 10_000
+
+
+def test_loss_hyper_cost_benchmark_smoke(tmp_path: Path) -> None:
+    """``benchmarks/loss_hyper_cost.py --quick``: time and memory with none, one and many loss
+    hyperparameters, with both closures; no hyper-step skipped."""
+    out = tmp_path / "results"
+    done = _run(
+        [str(ROOT / "benchmarks" / "loss_hyper_cost.py"), "--quick", "--out", str(out)], tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "loss_hyper_cost_quick.json").read_text())
+    counts = {row["loss_hyperparameters"] for row in report["rows"]}
+    assert counts == {0, 1, report["config"]["big_layer"]}
+    assert all(row["skipped_hyper_steps"] == 0 for row in report["rows"])
+    assert all(row["hyper_step_copies"] > 0 for row in report["rows"])
+    assert (out / "loss_hyper_cost_quick.md").exists()
