@@ -261,6 +261,7 @@ class HyperOptimizer(Optimizer):
                 f"hyper_optimizer must return a torch.optim.Optimizer, got {type(built).__name__}"
             )
         self.hyper_optimizer = built
+        self._method.check_optimizer(self)
         self._hyper.last = [
             self._method.zero_hypergradients(i, lv) for i, lv in enumerate(self._hyper.groups)
         ]
@@ -400,6 +401,8 @@ class HyperOptimizer(Optimizer):
             )
         self._hyper.groups.append(learned)
         try:
+            if self.hyper_optimizer is not None:  # built: the groups after the first ones
+                self._method.check_group(self, group, index)
             self._method.add_group(self._hyper, index)
         except Exception:  # refused whole: neither the group nor its values stay
             self._hyper.groups.pop()
@@ -526,6 +529,47 @@ class HyperOptimizer(Optimizer):
         self._method.compute_hypergradients(self._hyper, val_closure)
         return self.hypergradients()
 
+    def reverse(self, val_closure: Closure | None, closure_at: Callable[[int], Closure]) -> None:
+        """``method="reversible"``: run the episode backwards and step the schedules.
+
+        At the end of an episode (``horizon`` calls of :meth:`step`), training runs backwards
+        from step ``T`` to step 0 in exact fixed-point arithmetic, one step at a time, and
+        accumulates the exact reverse-mode hypergradient of every window's value and of the
+        initial weights (Maclaurin et al. 2015).  Afterwards :meth:`hypergradients` holds one
+        tensor of shape ``(windows,)`` per learned value, :meth:`initial_weight_hypergradients`
+        ``dL_V/dw_0``, the weights are back at the episode's first weights exactly (on the
+        grid of ``2^-52``), and the hyper-optimizer has stepped the schedules; the next
+        :meth:`step` starts the next episode.
+
+        Args:
+            val_closure: the validation loss at the episode's last weights (a scalar tensor,
+                no ``backward()``); defaults to the registered one.
+            closure_at: ``closure_at(t)`` returns step ``t``'s training closure, on the same
+                batch.  Its loss at the recomputed weights must equal the one seen going
+                forward, bit for bit: a different one raises ``ValueError`` (and ``reverse``
+                can be called again with the right one to resume).
+        """
+        if not self._method.runs_steps:
+            raise RuntimeError(f"reverse() is for method='reversible', not {self.method!r}")
+        val_closure = val_closure if val_closure is not None else self._validation_closure
+        if val_closure is None:
+            raise ValueError("reverse() needs a validation closure: pass one or register it")
+        check_callable("val_closure", val_closure)
+        check_callable("closure_at", closure_at)
+        hyper_steps = self._hyper.counters["hyper_steps"]
+        self._method.reverse(self, val_closure, closure_at)  # type: ignore[attr-defined]
+        if self._hyper.counters["hyper_steps"] != hyper_steps:
+            self._call_hyper_step_hooks()
+
+    def initial_weight_hypergradients(self) -> list[Tensor]:
+        """``method="reversible"``: ``dL_V/dw_0`` from the last :meth:`reverse`, one float64
+        tensor per trainable parameter (in the order of the param groups), shaped like it."""
+        if not self._method.runs_steps:
+            raise RuntimeError(
+                f"initial_weight_hypergradients() is for method='reversible', not {self.method!r}"
+            )
+        return self._method.initial_weight_hypergradients()  # type: ignore[attr-defined, no-any-return]
+
     def tangent_memory(self) -> int:
         """``method="forward"``: bytes held in tangents, ``M·|z|`` elements once every state
         buffer exists (``M`` = windows × learned values, ``|z|`` = weights and buffers);
@@ -567,6 +611,17 @@ class HyperOptimizer(Optimizer):
         Returns:
             What the closure (or ``loss_fn``) returned, as torch's optimizers do.
         """
+        if self._method.runs_steps:  # reversible learning: its own arithmetic
+            if closure is None or loss_fn is not None:
+                raise ValueError(
+                    f"method={self.method!r} needs a training closure on every step: "
+                    f"{self._method.requires_closure}"
+                )
+            check_callable("closure", closure)
+            if self._process_group is None:  # the default: the group initialised by now, if any
+                self._closures.replicas = resolve_process_group(None)
+                self._process_group = self._closures.replicas is not None
+            return self._method.run_step(self, closure)
         val_closure = self._check_step(closure, val_closure, loss_fn)
         t = self._hyper.counters["step"]
         hyper_steps = self._hyper.counters["hyper_steps"]

@@ -31,7 +31,10 @@ class HyperSGD(HyperOptimizer):
     training loss (``"hd"``: Baydin et al. 2018, arXiv 1703.04782).  ``method="forward"``
     (Micaelli & Storkey 2021, arXiv 2007.07869) learns a schedule of ``windows`` values per
     name over ``horizon`` steps with exact forward-mode hypergradients (online, or episodic
-    with the schedule stepped at the end of each rerun).
+    with the schedule stepped at the end of each rerun).  ``method="reversible"``
+    (Maclaurin, Duvenaud & Adams 2015, arXiv 1502.03492) learns the same schedules with
+    exact reverse-mode hypergradients: the ``horizon`` steps of an episode run in exact
+    fixed-point arithmetic, and :meth:`reverse` runs them backwards to the first weights.
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
@@ -52,7 +55,8 @@ class HyperSGD(HyperOptimizer):
             parameter tensor) or ``"element"`` (one per weight) (default: ``"scalar"``); or
             a mapping ``{name: granularity}`` for different granularities per learned name,
             e.g. ``{"lr": "element"}`` (names left out are ``"scalar"``).
-        method: ``"greedy"``, ``"ift"``, ``"hd"`` or ``"forward"`` (default: ``"greedy"``:
+        method: ``"greedy"``, ``"ift"``, ``"hd"``, ``"forward"`` or ``"reversible"``
+            (default: ``"greedy"``:
             as good as ``"ift"`` on the tuning suite at about half its cost; see
             docs/choosing.md).
         neumann_steps: ``K``, the terms of the Neumann series after the first (default: 4
@@ -73,14 +77,15 @@ class HyperSGD(HyperOptimizer):
             batched double backward (faster on small models, memory of one product per column).
         bounds: ``{name: (low, high)}`` in natural units, overriding the defaults
             (lr [1e-8, 10], weight decay [1e-10, 10], momentum [1e-6, 1 - 1e-6]).
-        horizon: ``method="forward"`` only, required: the steps of the run (online) or of
-            each episode (episodic).
-        windows: ``method="forward"`` only: values per learned name over the horizon; step
-            ``t`` uses value ``⌊windows·t/horizon⌋`` (default: ``min(10, horizon)``).
-        mode: ``method="forward"`` only: ``"online"`` (default) or ``"episodic"``.
+        horizon: ``method="forward"`` and ``"reversible"``, required: the steps of the run
+            (online) or of each episode (episodic).
+        windows: ``"forward"`` and ``"reversible"``: values per learned name over the horizon;
+            step ``t`` uses value ``⌊windows·t/horizon⌋`` (default: ``min(10, horizon)``).
+        mode: ``method="forward"``: ``"online"`` (default) or ``"episodic"``;
+            ``"reversible"``: ``"episodic"`` only.
         clamps: ``method="forward"`` only: ``{"grad": c, "tangent": c}``, the paper's clamps
             of the training gradient and of each Hessian-tangent product (default: none).
-        backtrack: ``method="forward", mode="episodic"`` only: an episode that ends with a
+        backtrack: episodic ``"forward"`` and ``"reversible"``: an episode that ends with a
             validation loss not below the best episode's returns to the best schedule and
             steps again along its hypergradient with halved outer steps (default: True).
         divergence_guard: watch the training loss the closure returns; when the mean over

@@ -112,7 +112,10 @@ def test_a_registered_method_checks_its_options(monkeypatch: pytest.MonkeyPatch)
     assert HyperSGD(params, lr=0.1, method="last_step").update_interval == 7
     with pytest.raises(ValueError, match="update_interval must be an integer >= 1, got 0"):
         HyperSGD(params, lr=0.1, method="last_step", update_interval=0)
-    with pytest.raises(ValueError, match=r"horizon=5 is an option of method='forward'"):
+    with pytest.raises(
+        ValueError,
+        match=r"horizon=5 is an option of one of the methods \('forward', 'reversible'\)",
+    ):
         HyperSGD(params, lr=0.1, method="last_step", horizon=5)
     with pytest.raises(ValueError, match=r"method must be one of .*'last_step'"):
         HyperSGD(params, lr=0.1, method="nope")

@@ -21,11 +21,13 @@ from .descent import HypergradientDescent
 from .forward import ForwardMode
 from .hvp import AutogradHVP, FiniteDifferenceHVP, FunctionalHVP
 from .onepass import OnePass, neumann_hypergradient
+from .reversible import ReversibleMode
 
 register_method("ift", OnePass)
 register_method("greedy", OnePass)
 register_method("hd", HypergradientDescent)
 register_method("forward", ForwardMode)
+register_method("reversible", ReversibleMode)
 
 __all__ = [
     "METHODS",
@@ -42,6 +44,7 @@ __all__ = [
     "MethodOptions",
     "NaturalHypergradients",
     "OnePass",
+    "ReversibleMode",
     "StepContext",
     "StepPlan",
     "build_method",

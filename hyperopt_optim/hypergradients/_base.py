@@ -562,6 +562,8 @@ class HypergradientMethod(ABC):
     #: the optimizer may restore the weights and restart its state mid-run (the divergence
     #: guard): the method keeps nothing that follows the weights from step to step
     restartable: ClassVar[bool] = True
+    #: the method runs the optimizer's steps itself (:meth:`run_step`; reversible learning)
+    runs_steps: ClassVar[bool] = False
 
     name: str = ""
     update_interval: int = 1
@@ -610,6 +612,18 @@ class HypergradientMethod(ABC):
     ) -> dict[str, list[Tensor]]:
         """``hypergradients()`` of group ``index`` before the first hyper-step, in natural units."""
         return {name: [torch.zeros_like(phi) for phi in lv.phi] for name, lv in learned.items()}
+
+    def check_optimizer(self, opt: Any) -> None:
+        """Refuse, at construction, an optimizer or settings the method cannot serve."""
+        return None
+
+    def check_group(self, opt: Any, group: dict[str, Any], index: int) -> None:
+        """Refuse a param group (``add_param_group``) the method cannot serve."""
+        return None
+
+    def run_step(self, opt: Any, closure: Closure) -> Any:
+        """A method with :attr:`runs_steps`: one step of the optimizer."""
+        raise NotImplementedError
 
     # -- exact hypergradients on demand --------------------------------------------------------
 
