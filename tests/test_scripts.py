@@ -422,3 +422,24 @@ def test_loss_hyper_cost_benchmark_smoke(tmp_path: Path) -> None:
     assert all(row["skipped_hyper_steps"] == 0 for row in report["rows"])
     assert all(row["hyper_step_copies"] > 0 for row in report["rows"])
     assert (out / "loss_hyper_cost_quick.md").exists()
+
+
+def test_reversible_benchmark_smoke(tmp_path: Path) -> None:
+    """``benchmarks/reversible.py --quick``: the check against forward mode, 3 meta-iterations,
+    the memory and the timing tables, and the schedules' figure."""
+    for module in ("sklearn", "matplotlib"):
+        pytest.importorskip(module)
+    out = tmp_path / "results"
+    done = _run(
+        [str(ROOT / "benchmarks" / "reversible.py"), "--quick", "--out", str(out)], tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "reversible_quick.json").read_text())
+    assert report["check"]["relative_difference"] < 1e-4  # float32 model, exact products
+    assert len(report["meta"]["episodes"]) == 3
+    assert len(report["meta"]["schedules"]) == 4  # one per layer
+    assert len(report["meta"]["schedules"][0]["lr"]) == report["settings"]["steps"]
+    memory = report["memory_momentum_09"]
+    assert 0 < memory["buffer_bytes"] < memory["trajectory_weights_bytes"]
+    assert set(report["timing"]["median_seconds"]) >= {"torch.optim.SGD", "reversible"}
+    assert (out / "reversible_quick_schedules.png").stat().st_size > 10_000
