@@ -250,3 +250,10 @@ class HyperAdamW(HyperAdam):
             loss_hyper_optimizer=loss_hyper_optimizer,
             solver=solver,
         )  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's AdamW in 2.5 and earlier saves no "decoupled_weight_decay" (it was a class of its
+        # own): a group loaded from its state dict is AdamW's, not Adam's with L2
+        for group in state.get("param_groups", []):
+            group.setdefault("decoupled_weight_decay", True)
+        super().__setstate__(state)

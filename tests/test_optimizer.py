@@ -1449,3 +1449,25 @@ def test_differences_of_a_closure_that_does_not_zero_the_gradients(hvp: str) -> 
     assert torch.equal(h_zeroed, h_kept)
     for a, b in zip(w_zeroed, w_kept, strict=True):
         assert torch.equal(a, b)
+
+
+def test_an_adamw_state_dict_without_the_decoupled_flag_stays_adamw() -> None:
+    """torch's AdamW in 2.5 and earlier was a class of its own and saved no
+    ``decoupled_weight_decay``: loaded into HyperAdamW, the groups stay decoupled (not Adam
+    with an L2 penalty), and the run continues as torch's AdamW."""
+    data = make_data(8, dtype=torch.float64)
+    model = make_model(dtype=torch.float64)
+    reference = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    train(reference, model, data, range(4))
+    saved = copy.deepcopy(reference.state_dict())
+    for group in saved["param_groups"]:
+        group.pop("decoupled_weight_decay", None)
+    resumed_model = make_model(seed=5, dtype=torch.float64)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = HyperAdamW(resumed_model.parameters(), lr=0.01, weight_decay=0.1, update_interval=50)
+    resumed.load_state_dict(saved)
+    assert all(group["decoupled_weight_decay"] for group in resumed.param_groups)
+    train(reference, model, data, range(4, 8))
+    train(resumed, resumed_model, data, range(4, 8))
+    for x, y in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-12)

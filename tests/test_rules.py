@@ -13,8 +13,11 @@ of the parameter's shape.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -429,10 +432,17 @@ def _torch_functional_step(case: Case, foreach: bool) -> tuple[list[Tensor], Rul
             dampening=flags["dampening"], nesterov=flags["nesterov"], maximize=flags["maximize"],
         )  # fmt: skip
         return params, ({SGD_STATE: buffers} if hp["momentum"] else {})
-    torch_adam(
+    step: Callable[..., Any] = torch_adam
+    decoupled: dict[str, Any] = {"decoupled_weight_decay": flags["decoupled_weight_decay"]}
+    if "decoupled_weight_decay" not in inspect.signature(torch_adam).parameters:
+        # torch 2.5 and earlier: AdamW has its own functional step, Adam no such flag
+        from torch.optim.adamw import adamw as torch_adamw
+
+        step = torch_adamw if flags["decoupled_weight_decay"] else torch_adam
+        decoupled = {}
+    step(
         params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", []),
-        state["step"], foreach=foreach,
-        decoupled_weight_decay=flags["decoupled_weight_decay"], amsgrad=flags["amsgrad"],
+        state["step"], foreach=foreach, **decoupled, amsgrad=flags["amsgrad"],
         beta1=hp["beta1"], beta2=hp["beta2"], lr=hp["lr"], weight_decay=hp["weight_decay"],
         eps=hp["eps"], maximize=flags["maximize"],
     )  # fmt: skip
