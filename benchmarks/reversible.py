@@ -36,8 +36,6 @@ import argparse
 import datetime
 import itertools
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +46,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import cross_entropy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_hyper_capacity import machine  # the machine's description, as the others write it
 
 from hyperopt_optim import HyperSGD
 
@@ -361,23 +362,6 @@ def timing(data: dict[str, Tensor], s: Settings, log: Callable[[str], None]) -> 
 
 
 # -- report ----------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def report(r: dict[str, Any], s: Settings) -> str:
