@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
                 done[record["seed"]] = record
     methods = tuple(args.methods)
     jobs = [(s, setup, methods) for s in range(args.seeds) if s not in done]
-    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for record in pool.imap_unordered(run_seed, jobs):
             with log.open("a") as f:
