@@ -432,17 +432,22 @@ class ReversibleMode(HypergradientMethod):
                 None if h is None else _decayed(episode.params[j], h) for j, h in enumerate(hypers)
             ]
             _check_range([g for g in updates if g is not None], "a gradient")
+            moves: list[tuple[int, Tensor, Tensor]] = []  # (j, b_{t+1}, eta b_{t+1})
             for j, (h, g) in enumerate(zip(hypers, updates, strict=True)):
                 if h is None or g is None:
                     continue
-                fixed_g = to_fixed(g)
                 b = episode.b[j]
                 if not h.first:
                     b = multiply(b, h.n, episode.buffers[j])
+                b = b + to_fixed(g)
+                moves.append((j, b, h.lr * from_fixed(b)))
+            # one check (one synchronisation) for the whole step, before any weight moves
+            _check_range(
+                [x for _, b, step in moves for x in (step, from_fixed(b))],
+                "the velocity or a weight's change",
+            )
+            for j, b, step in moves:
                 episode.started[j] = True
-                b = b + fixed_g
-                step = h.lr * from_fixed(b)
-                _check_range([step, from_fixed(b)], "the velocity or a weight's change")
                 episode.b[j] = b
                 episode.w[j] = episode.w[j] - to_fixed(step)
                 _write(episode.params[j], episode.w[j])
@@ -910,11 +915,11 @@ def _products(
         for j in live:
             _write(trainable[j], episode.w[j])
 
-    at_point = [g for j, g in enumerate(grads) if j in set(live)]
+    at_point = [g for g in (grads[j] for j in live) if g is not None]  # live: all have one
     products = FiniteDifferenceHVP(
         params,
         [p.detach().clone() for p in params],
-        [g for g in at_point if g is not None],
+        at_point,
         gradient,
         central=hvp != "forward_difference",
         restore=restore,
