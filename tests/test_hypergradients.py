@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from hyperopt_optim import HyperAdam, HyperAdamW, HyperOptimizer, HyperSGD
 from hyperopt_optim.hypergradients import AutogradHVP, FiniteDifferenceHVP
+from hyperopt_optim.hypergradients.hvp import products_in_a_row
 
 # --- tolerances (DESIGN §7) ------------------------------------------------------------------
 
@@ -734,6 +735,70 @@ def test_finite_difference_hvp_restores_parameters_on_error() -> None:
         hvp([torch.ones_like(p) for p in point])
     for p, b in zip(problem.params, before, strict=True):
         assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("central", [False, True])
+@pytest.mark.parametrize("fail", [False, True])
+def test_products_in_a_row_put_the_weights_back_once(central: bool, fail: bool) -> None:
+    """Inside ``products_in_a_row`` the products (through add_to) are those taken one by one,
+    the weights are put back once on leaving (also when a product raises), and not before."""
+    problem = oracle.mlp_problem(seed=1)
+    before = [p.detach().clone() for p in problem.params]
+    point = [p.detach().clone() + 0.2 for p in problem.params]
+    gen = torch.Generator().manual_seed(5)
+    directions = [
+        [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in point] for _ in range(3)
+    ]
+    restores: list[int] = []
+    raise_at: list[int] = []  # the evaluation count at which the gradient raises
+
+    def gradient() -> list[torch.Tensor]:
+        if raise_at and raise_at[0] == 0:
+            raise RuntimeError("boom")
+        if raise_at:
+            raise_at[0] -= 1
+        return list(torch.autograd.grad(problem.closure(), problem.params))
+
+    def restore() -> None:
+        restores.append(1)
+        with torch.no_grad():
+            for p, b in zip(problem.params, before, strict=True):
+                p.copy_(b)
+
+    def make() -> FiniteDifferenceHVP:
+        return FiniteDifferenceHVP(
+            problem.params, point, problem.train_grad(point), gradient, central=central,
+            restore=restore,
+        )  # fmt: skip
+
+    one_by_one = make()
+    want = [[t.clone() for t in one_by_one(d)] for d in directions]
+    assert len(restores) == len(directions)  # each product puts them back
+    restores.clear()
+    in_a_row = make()
+    got: list[list[torch.Tensor]] = []
+
+    def products() -> None:
+        with products_in_a_row():
+            for d in directions:
+                targets = [torch.zeros_like(x) for x in d]
+                in_a_row.add_to(d, targets)
+                got.append(targets)
+                assert not restores  # the weights stay moved inside
+
+    if fail:
+        raise_at.append(3 if central else 1)  # during the second product
+        with pytest.raises(RuntimeError, match="boom"):
+            products()
+        assert len(got) == 1
+    else:
+        products()
+    assert len(restores) == 1  # once, on leaving
+    for p, b in zip(problem.params, before, strict=True):
+        assert torch.equal(p.detach(), b)
+    for products_got, exact in zip(got, want, strict=False):
+        # add_to scales the difference as it adds it (a rounding of 1/ε apart)
+        assert relative_error(products_got, exact) <= 1e-12
 
 
 @pytest.mark.parametrize("seed", range(3))

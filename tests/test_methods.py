@@ -51,7 +51,9 @@ class LastStep(HypergradientMethod):
         for g in ctx.groups:
             cotangent = outer[start : start + len(g.live)]
             start += len(g.live)
-            out.append(GroupHypergradients(list(g.indices), g.hyper_vjp(cotangent, {})))
+            # the interface's reduced products, as greedy takes them (sums per parameter by
+            # inner products where the rule has them: the same rounding as greedy's)
+            out.append(GroupHypergradients(list(g.indices), g.reduced_hyper_vjp(cotangent, {})))
         return out
 
 

@@ -1193,6 +1193,16 @@ def test_infinite_hypergradient_skips_the_hyper_update(
         return {k: [torch.full_like(x, math.inf) for x in v] for k, v in out.items()}
 
     monkeypatch.setattr(rule, "hyper_vjp", infinite)
+    sums = getattr(rule, "hyper_vjp_sums", None)
+    if sums is not None:  # the per-parameter sums by inner products (SGD's)
+
+        def infinite_sums(self: Any, *args: Any, **kwargs: Any) -> dict[str, list[Tensor]] | None:
+            out = sums(self, *args, **kwargs)
+            if out is None:
+                return None
+            return {k: [torch.full_like(x, math.inf) for x in v] for k, v in out.items()}
+
+        monkeypatch.setattr(rule, "hyper_vjp_sums", infinite_sums)
     with pytest.warns(RuntimeWarning, match=r"a hypergradient is not finite"):
         train(opt, model, data, range(6))
     monkeypatch.undo()

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from hyperopt_optim import HyperAdam, HyperAdamW, HyperSGD
@@ -258,3 +260,73 @@ def test_greedy_from_the_state_after_the_step_is_bitwise_the_same(
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-16, msg=name)
     for got, want in zip(lean[2], copied[2], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    learn=st.lists(st.sampled_from(SGD_ALL), min_size=1, max_size=3, unique=True),
+    momentum=st.sampled_from([0.0, 0.9]),
+    dampening=st.sampled_from([0.0, 0.3]),
+    weight_decay=st.sampled_from([0.0, 0.02]),
+    maximize=st.booleans(),
+    state_block=st.booleans(),
+    per_tensor=st.booleans(),
+    shapes=st.lists(
+        st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=3
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_sgd_sums_by_inner_products_equal_the_summed_products(
+    learn: list[str], momentum: float, dampening: float, weight_decay: float, maximize: bool,
+    state_block: bool, per_tensor: bool, shapes: list[tuple[int, ...]], seed: int,
+) -> None:  # fmt: skip
+    """``SGDRule.hyper_vjp_sums`` (inner products, no temporaries) equals the element-wise
+    ``hyper_vjp`` summed per parameter, in float64, for every flag and learned subset."""
+    if momentum == 0.0 and "momentum" in learn:
+        learn = [n for n in learn if n != "momentum"] or ["lr"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw() -> list[Tensor]:
+        return [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+    params, grads, bufs, a_w, a_b = draw(), draw(), draw(), draw(), draw()
+    hp: dict[str, Any] = {"lr": 0.1, "momentum": momentum, "weight_decay": weight_decay}
+    if per_tensor:  # one value per tensor, as tensor granularity gives them
+        for name in learn:
+            hp[name] = [
+                torch.rand((), generator=gen, dtype=torch.float64) * 0.5 + 0.01 for _ in shapes
+            ]
+    flags = {"dampening": dampening, "nesterov": False, "maximize": maximize}
+    uses_buffer = not (isinstance(hp["momentum"], float) and hp["momentum"] == 0.0)
+    state = {"momentum_buffer": bufs if uses_buffer else [None] * len(shapes)}
+    cot_state = {"momentum_buffer": a_b} if state_block and uses_buffer else {}
+    names = tuple(learn)
+    rule = SGDRule()
+    got = rule.hyper_vjp_sums(params, grads, state, hp, flags, a_w, cot_state, names)
+    want = rule.hyper_vjp(params, grads, state, hp, flags, a_w, cot_state, names)
+    assert got is not None
+    assert set(got) == set(names)
+    for name in names:
+        for g, w in zip(got[name], want[name], strict=True):
+            assert g.dtype == torch.float64
+            assert g.dim() == 0
+            scale = float(w.abs().sum()) + 1e-300
+            assert abs(float(g) - float(w.sum())) <= 1e-13 * scale
+
+
+def test_sgd_sums_by_inner_products_decline_what_they_do_not_cover() -> None:
+    """Nesterov, a value per element and a missing buffer go to the element-wise products."""
+    shapes = [(3, 2), (4,)]
+    xs = [torch.ones(s, dtype=torch.float64) for s in shapes]
+    hp: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
+    flags = {"dampening": 0.0, "nesterov": False, "maximize": False}
+    state = {"momentum_buffer": list(xs)}
+    rule = SGDRule()
+    args = (xs, xs, state, hp, flags, xs, {}, ("lr",))
+    assert rule.hyper_vjp_sums(*args) is not None
+    nesterov = {**flags, "nesterov": True}
+    assert rule.hyper_vjp_sums(xs, xs, state, hp, nesterov, xs, {}, ("lr",)) is None
+    element = {**hp, "lr": [torch.full(s, 0.1, dtype=torch.float64) for s in shapes]}
+    assert rule.hyper_vjp_sums(xs, xs, state, element, flags, xs, {}, ("lr",)) is None
+    missing = {"momentum_buffer": [xs[0], None]}
+    assert rule.hyper_vjp_sums(xs, xs, missing, hp, flags, xs, {}, ("lr",)) is None

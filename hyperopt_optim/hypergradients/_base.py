@@ -210,8 +210,13 @@ class GroupSnapshot:
         element-wise): the temporaries of one piece at a time, however large a tensor.  The
         weights' and given state blocks are written through the pieces' views; ``r`` and new
         state blocks are put together."""
-        numels, calls = self._slicing(cotangent_params, cotangent_state)
         kept = {} if linear is None else {"linear": linear}
+        if getattr(self.rule, "state_vjp_whole", False):  # no temporary to bound in pieces
+            return in_place(
+                self.params, self.grads, self.state, self.hp, self.flags,
+                cotangent_params, cotangent_state, **kept,
+            )  # fmt: skip
+        numels, calls = self._slicing(cotangent_params, cotangent_state)
         if len(calls) <= 1:
             return in_place(
                 self.params, self.grads, self.state, self.hp, self.flags,
@@ -263,6 +268,14 @@ class GroupSnapshot:
         """
         if not self.params or (not self.reduced and not self.after):
             return self.hyper_vjp(cotangent_params, cotangent_state)
+        sums_of = getattr(self.rule, "hyper_vjp_sums", None)
+        if sums_of is not None and not self.after and self.reduced >= set(self.names):
+            summed = sums_of(
+                self.params, self.grads, self.state, self.hp, self.flags,
+                cotangent_params, cotangent_state, self.names,
+            )  # fmt: skip
+            if summed is not None:  # every name from inner products: no temporaries
+                return cast(dict[str, list[Tensor]], summed)
         numels, calls = self._slicing(cotangent_params, cotangent_state)
         sums: dict[str, list[Tensor]] = {}
         full: dict[str, list[Tensor | None]] = {}

@@ -30,7 +30,33 @@ __all__ = [
     "FunctionalHVP",
     "batched_products",
     "clone_parameter_saves",
+    "products_in_a_row",
 ]
+
+_deferred: list[list[FiniteDifferenceHVP]] = []
+"""The finite-difference providers whose weights wait to be put back, one list per open
+:func:`products_in_a_row` (innermost last)."""
+
+
+@contextmanager
+def products_in_a_row() -> Iterator[None]:
+    """Finite-difference products taken inside put the weights back once, on leaving.
+
+    Each product starts by writing ``w + εd`` over the live weights from the point, so putting
+    them back after every product (the step redone from the point: several passes over the
+    weights) is needed only before something else reads them.  Use it around a sequence of
+    products with nothing in between that reads the live weights (the Neumann series, which
+    works on the snapshot's copies).  The weights are put back however the block is left.
+    """
+    pending: list[FiniteDifferenceHVP] = []
+    _deferred.append(pending)
+    try:
+        yield
+    finally:
+        _deferred.pop()
+        for provider in pending:  # (into an enclosing block's list, if one is open)
+            provider._waiting = False
+            provider._put_back()
 
 
 @contextmanager
@@ -173,6 +199,8 @@ class FiniteDifferenceHVP:
         aliased = any(x.data_ptr() == p.data_ptr() for x, p in zip(point, params, strict=True))
         self._restore = None if aliased else restore
         self._current: list[Tensor] = []
+        self._moved = False  # the live weights are off the point's (put back when False)
+        self._waiting = False  # listed by an open products_in_a_row
         if self._restore is None:
             with torch.no_grad():  # the weights to put back after each product
                 self._current = [p.detach().clone() for p in params]
@@ -213,7 +241,21 @@ class FiniteDifferenceHVP:
         """``targets += H d``.  Central differences with the gradient at the point at hand
         add ``(∇L(w + εd) − g)/2ε`` and then subtract ``(∇L(w − εd) − g)/2ε``, so that one
         gradient is held at a time (the same difference, rounded in another order)."""
-        if not self._central or self._grad is None:
+        if not self._central:  # (∇L(w + εd) − g)/ε, the difference scaled as it is added
+            eps = self._eps(directions)
+            if eps is None:
+                return
+            try:
+                if self._grad is None:
+                    self._grad = self._at(directions, 0.0)
+                moved = self._at(directions, eps)
+                torch._foreach_sub_(moved, self._grad)
+                torch._foreach_add_(targets, moved, alpha=1 / eps)
+                del moved
+            finally:
+                self._put_back()
+            return
+        if self._grad is None:
             torch._foreach_add_(targets, self(directions))
             return
         eps = self._eps(directions)
@@ -259,7 +301,16 @@ class FiniteDifferenceHVP:
         return [x.detach().clone() for x in self._extra()]
 
     def _put_back(self) -> None:
-        """The parameters back where they were when the products began."""
+        """The parameters back where they were when the products began; inside
+        :func:`products_in_a_row`, when it is left."""
+        if not self._moved:
+            return
+        if _deferred:
+            if not self._waiting:
+                self._waiting = True
+                _deferred[-1].append(self)
+            return
+        self._moved = False
         with torch.no_grad():
             if self._restore is not None:
                 self._restore()
@@ -267,6 +318,7 @@ class FiniteDifferenceHVP:
                 torch._foreach_copy_(self._params, self._current)
 
     def _at(self, directions: list[Tensor], eps: float) -> list[Tensor]:
+        self._moved = True
         with torch.no_grad():
             torch._foreach_copy_(self._params, self._point)
             torch._foreach_add_(self._params, directions, alpha=eps)

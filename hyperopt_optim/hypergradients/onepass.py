@@ -37,6 +37,7 @@ from ._base import (
     StepContext,
     StepPlan,
 )
+from .hvp import products_in_a_row
 
 DEFAULT_NEUMANN_STEPS = 4
 DEFAULT_UPDATE_INTERVAL = 10
@@ -389,6 +390,16 @@ class OnePass(HypergradientMethod):
         steps = self.neumann_steps if ctx.hvp is not None else 0
         if any(g.after for g in ctx.groups):
             steps = 0  # the snapshot holds no point (a greedy plan)
+        # every product below reads the snapshot's copies, never the live weights: finite
+        # differences put them back once, after the last product, not after each
+        with products_in_a_row():
+            return self._solve(ctx, outer, direct, steps)
+
+    def _solve(
+        self, ctx: StepContext, outer: list[Tensor], direct: list[Tensor], steps: int
+    ) -> ElementwiseHypergradients:
+        assert ctx.groups is not None
+        mus = ctx.loss_hyperparameters
         if not mus:
             return neumann_hypergradient(ctx.groups, outer, ctx.hvp, steps)
         if ctx.hvp is None:

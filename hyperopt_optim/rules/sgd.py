@@ -190,6 +190,84 @@ def _hyper_vjp_foreach(
     return {name: out[name] for name in names}
 
 
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """``Σ x·y`` over every element, one read of each and no temporary (BLAS's ``dot``)."""
+    return torch.dot(x.reshape(-1), y.reshape(-1))
+
+
+def hyper_dots(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state: RuleState,
+    hp: dict[str, Hyper],
+    flags: dict[str, object],
+    cotangent_params: list[Tensor],
+    cotangent_state: RuleState,
+    names: tuple[str, ...],
+) -> dict[str, list[Tensor]] | None:
+    r"""``a·∂U/∂λ`` summed over each parameter's elements, from inner products alone.
+
+    With every value one number per parameter, the sums of the module docstring's products
+    expand into a few inner products of the tensors at hand (no element-wise temporary; each
+    tensor read once per product), with :math:`c = 1 - \tau` and :math:`a_b = 0` for the
+    first term's missing state block:
+
+    * :math:`\sum a·∂U/∂\eta = -(\mu⟨a_w, b⟩ + c\sigma⟨a_w, g⟩ + c\xi⟨a_w, w⟩)`
+      (without momentum :math:`-(\sigma⟨a_w, g⟩ + \xi⟨a_w, w⟩)`);
+    * :math:`\sum a·∂U/∂\xi = c(⟨a_b, w⟩ - \eta⟨a_w, w⟩)` (without momentum
+      :math:`-\eta⟨a_w, w⟩`);
+    * :math:`\sum a·∂U/∂\mu = ⟨a_b, b⟩ - \eta⟨a_w, b⟩`.
+
+    Returns ``None`` where this does not apply (Nesterov's momentum, a value per element, a
+    parameter's first step without a buffer): the caller takes the element-wise products.
+    The results are 0-dim float64 tensors.
+    """
+    if flags["nesterov"] or any(n not in SGDRule.learnable for n in names):
+        return None
+    for h in hp.values():
+        if not isinstance(h, float | int) and any(x.numel() != 1 for x in h):
+            return None
+    momentum = _uses_buffer(hp)
+    bufs = state.get(_BUFFER, [None] * len(params)) if momentum else [None] * len(params)
+    if momentum and any(b is None for b in bufs):
+        return None
+    a_bs = cotangent_state.get(_BUFFER) if momentum else None
+    sign = -1.0 if flags["maximize"] else 1.0
+    c = 1.0 - float(flags["dampening"])  # type: ignore[arg-type]
+    out: dict[str, list[Tensor]] = {name: [] for name in names}
+    rows = zip(
+        params,
+        grads,
+        bufs,
+        cotangent_params,
+        a_bs if a_bs is not None else [None] * len(params),
+        as_list(hp["lr"], params),
+        as_list(hp["momentum"], params),
+        as_list(hp["weight_decay"], params),
+        strict=True,
+    )
+    for w, g, b, a_w, a_b, lr, mu, wd in rows:
+        needs_w = ("lr" in names and not is_zero(wd)) or "weight_decay" in names
+        a_w_w: Tensor | float = _dot(a_w, w) if needs_w else 0.0
+        needs_b = b is not None and ("lr" in names or "momentum" in names)
+        a_w_b: Tensor | float = _dot(a_w, b) if needs_b else 0.0
+        for name in names:
+            if name == "lr":
+                value = sign * _dot(a_w, g) + wd * a_w_w
+                value = -(mu * a_w_b + c * value) if b is not None else -value
+            elif name == "weight_decay":
+                value = -lr * a_w_w
+                if b is not None:
+                    value = c * (value if a_b is None else _dot(a_b, w) + value)
+            else:  # momentum
+                assert b is not None
+                value = -lr * a_w_b if a_b is None else _dot(a_b, b) - lr * a_w_b
+            out[name].append(
+                torch.as_tensor(value).to(device=w.device, dtype=torch.float64).reshape(())
+            )
+    return out
+
+
 class SGDRule:
     """The update map of ``torch.optim.SGD`` (see the module docstring for the maths).
 
@@ -207,6 +285,9 @@ class SGDRule:
     )
     learnable: tuple[str, ...] = tuple(parametrisation)
     state_names: tuple[str, ...] = (_BUFFER,)
+    #: :meth:`state_vjp_` makes no temporary but its result ``r``: it runs on the whole
+    #: tensors, not in pieces (which would only add a copy of ``r`` into whole tensors)
+    state_vjp_whole: bool = True
 
     def init_state(self, params: list[Tensor], flags: dict[str, object]) -> RuleState:
         return {_BUFFER: [None] * len(params)}
@@ -430,6 +511,21 @@ class SGDRule:
         if flags["maximize"]:  # c_ĝ is this call's own tensor
             torch._foreach_neg_(cot_g_hat)
         return StateCotangent(cot_params, out_state, cot_g_hat)
+
+    def hyper_vjp_sums(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: RuleState,
+        hp: dict[str, Hyper],
+        flags: dict[str, object],
+        cotangent_params: list[Tensor],
+        cotangent_state: RuleState,
+        names: tuple[str, ...],
+    ) -> dict[str, list[Tensor]] | None:
+        """:meth:`hyper_vjp` summed over each parameter, by inner products
+        (:func:`hyper_dots`); ``None`` where that does not apply."""
+        return hyper_dots(params, grads, state, hp, flags, cotangent_params, cotangent_state, names)
 
     def state_vjp_(
         self,
