@@ -167,9 +167,16 @@ def test_sgd_in_place_state_vjp_equals_state_vjp(
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("state_block", [False, True])
 @pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize(
+    ("linearised", "in_place", "weight_decay"),
+    [(False, True, 0.1), (True, True, 0.1), (True, False, 0.1), (True, True, 0.0)],
+)
 def test_adam_in_place_state_vjp_equals_state_vjp(
-    amsgrad: bool, decoupled: bool, maximize: bool, state_block: bool, per_tensor: bool
-) -> None:
+    amsgrad: bool, decoupled: bool, maximize: bool, state_block: bool, per_tensor: bool,
+    linearised: bool, in_place: bool, weight_decay: float,
+) -> None:  # fmt: skip
+    """The in-place product, and the products from a kept linearisation (without AMSGrad:
+    fused operations, whole tensors), equal the product that recomputes the step."""
     gen = torch.Generator().manual_seed(1)
     shapes = [(3, 4), (5,)]
 
@@ -185,7 +192,9 @@ def test_adam_in_place_state_vjp_equals_state_vjp(
     if amsgrad:
         state["max_exp_avg_sq"] = [x.abs() for x in draw()]
     state["step"] = [torch.tensor(3.0), torch.tensor(3.0)]
-    hp: dict[str, Any] = {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "eps": 1e-3, "weight_decay": 0.1}
+    hp: dict[str, Any] = {
+        "lr": 0.01, "beta1": 0.9, "beta2": 0.99, "eps": 1e-3, "weight_decay": weight_decay
+    }  # fmt: skip
     if per_tensor:
         hp["lr"] = [
             torch.tensor(0.01, dtype=torch.float64),
@@ -199,7 +208,12 @@ def test_adam_in_place_state_vjp_equals_state_vjp(
             cot_state["max_exp_avg_sq"] = draw()
     want = rule.state_vjp(params, grads, state, hp, flags, a_w, cot_state)
     given = [x.clone() for x in a_w], {k: [x.clone() for x in v] for k, v in cot_state.items()}
-    got = rule.state_vjp_(params, grads, state, hp, flags, *given)
+    linear = rule.linearise(params, grads, state, hp, flags) if linearised else None
+    take = rule.state_vjp_ if in_place else rule.state_vjp
+    got = take(params, grads, state, hp, flags, *given, linear=linear)
+    if not in_place:  # the cotangent is left as it was
+        for x, y in zip(given[0], a_w, strict=True):
+            assert torch.equal(x, y)
     pairs = [*zip(got.params, want.params, strict=True), *zip(got.grads, want.grads, strict=True)]
     assert set(got.state) == set(want.state)
     for name in want.state:

@@ -211,7 +211,8 @@ class GroupSnapshot:
         weights' and given state blocks are written through the pieces' views; ``r`` and new
         state blocks are put together."""
         kept = {} if linear is None else {"linear": linear}
-        if getattr(self.rule, "state_vjp_whole", False):  # no temporary to bound in pieces
+        whole = getattr(self.rule, "state_vjp_whole", None)
+        if whole is not None and whole(self.flags, linear is not None):  # no temporary to bound
             return in_place(
                 self.params, self.grads, self.state, self.hp, self.flags,
                 cotangent_params, cotangent_state, **kept,

@@ -379,6 +379,12 @@ class AdamRule:
             in_place=False,
         )  # fmt: skip
 
+    def state_vjp_whole(self, flags: dict[str, object], linearised: bool) -> bool:
+        """From a kept linearisation and without AMSGrad, :meth:`state_vjp_` makes no
+        temporary but ``r`` (:func:`_fused_state_vjp`): whole tensors, not pieces.  Else it
+        recomputes the step or routes AMSGrad's maximum, with temporaries that pieces bound."""
+        return linearised and not flags["amsgrad"]
+
     def state_vjp_(
         self,
         params: list[Tensor],
@@ -416,6 +422,11 @@ class AdamRule:
         needed (no linearisation is held).  ``in_place``: into the cotangent's tensors."""
         decoupled = bool(flags["decoupled_weight_decay"])
         sign = -1.0 if flags["maximize"] else 1.0
+        if linear is not None and not flags["amsgrad"]:
+            return _fused_state_vjp(
+                linear, cotangent_params, cotangent_state, in_place=in_place,
+                decoupled=decoupled, sign=sign,
+            )  # fmt: skip
         given_m = cotangent_state.get(_M) if in_place else None
         given_v = cotangent_state.get(_V) if in_place else None
         cot_params: list[Tensor] = []
@@ -522,6 +533,58 @@ def _move(
         update = list(torch._foreach_div(exp_avgs, denom))
         torch._foreach_mul_(update, step_size)
         torch._foreach_sub_(params, update)
+
+
+def _fused_state_vjp(
+    linear: list[_Linear],
+    cotangent_params: list[Tensor],
+    cotangent_state: RuleState,
+    *,
+    in_place: bool,
+    decoupled: bool,
+    sign: float,
+) -> StateCotangent:
+    """:meth:`AdamRule.state_vjp` from a kept linearisation, without AMSGrad, in fused
+    element-wise operations: ``c_m = a_m − a_w·step_coef`` and ``c_v = a_v + a_w·second_coef``
+    (one ``addcmul`` each, into the given state blocks when ``in_place``), ``r = (1−β₁)c_m +
+    2(1−β₂)ĝ·c_v`` (the one new tensor), then the blocks scaled in place.  Seven passes over
+    each parameter and no temporary besides ``r``; the same products as the general path."""
+    ms = cotangent_state.get(_M, [None] * len(cotangent_params))
+    vs = cotangent_state.get(_V, [None] * len(cotangent_params))
+    cot_params: list[Tensor] = []
+    cot_m: list[Tensor | None] = []
+    cot_v: list[Tensor | None] = []
+    cot_grads: list[Tensor] = []
+    for f, a_w, a_m, a_v in zip(linear, cotangent_params, ms, vs, strict=True):
+        if a_m is None:
+            c_m = torch.mul(a_w, f.step_coef).neg_()
+        elif in_place:
+            c_m = a_m.addcmul_(a_w, f.step_coef, value=-1)
+        else:
+            c_m = torch.addcmul(a_m, a_w, f.step_coef, value=-1)
+        if a_v is None:
+            c_v = torch.mul(a_w, f.second_coef)
+        elif in_place:
+            c_v = a_v.addcmul_(a_w, f.second_coef)
+        else:
+            c_v = torch.addcmul(a_v, a_w, f.second_coef)
+        r = torch.mul(c_m, 1 - f.b1).addcmul_(f.g_hat_2, c_v)  # c_ĝ
+        if decoupled:
+            factor = 1 - f.lr * f.wd
+            cot_params.append(a_w.mul_(factor) if in_place else a_w * factor)
+        elif isinstance(f.wd, float | int):
+            if f.wd == 0:
+                cot_params.append(a_w if in_place else a_w.clone())
+            else:
+                cot_params.append(
+                    a_w.add_(r, alpha=f.wd) if in_place else torch.add(a_w, r, alpha=f.wd)
+                )
+        else:
+            cot_params.append(a_w.addcmul_(r, f.wd) if in_place else torch.addcmul(a_w, r, f.wd))
+        cot_m.append(c_m.mul_(f.b1))
+        cot_v.append(c_v.mul_(f.b2))
+        cot_grads.append(r.neg_() if sign != 1.0 else r)
+    return StateCotangent(cot_params, {_M: cot_m, _V: cot_v}, cot_grads)
 
 
 def _scaled_into(

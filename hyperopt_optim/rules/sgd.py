@@ -285,9 +285,6 @@ class SGDRule:
     )
     learnable: tuple[str, ...] = tuple(parametrisation)
     state_names: tuple[str, ...] = (_BUFFER,)
-    #: :meth:`state_vjp_` makes no temporary but its result ``r``: it runs on the whole
-    #: tensors, not in pieces (which would only add a copy of ``r`` into whole tensors)
-    state_vjp_whole: bool = True
 
     def init_state(self, params: list[Tensor], flags: dict[str, object]) -> RuleState:
         return {_BUFFER: [None] * len(params)}
@@ -511,6 +508,11 @@ class SGDRule:
         if flags["maximize"]:  # c_ĝ is this call's own tensor
             torch._foreach_neg_(cot_g_hat)
         return StateCotangent(cot_params, out_state, cot_g_hat)
+
+    def state_vjp_whole(self, flags: dict[str, object], linearised: bool) -> bool:
+        """:meth:`state_vjp_` makes no temporary but its result ``r``: it runs on the whole
+        tensors, not in pieces (which would only add a copy of ``r`` into whole tensors)."""
+        return True
 
     def hyper_vjp_sums(
         self,
