@@ -15,6 +15,7 @@ checked on a strongly convex quadratic.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import oracle
@@ -799,6 +800,32 @@ def test_products_in_a_row_put_the_weights_back_once(central: bool, fail: bool) 
     for products_got, exact in zip(got, want, strict=False):
         # add_to scales the difference as it adds it (a rounding of 1/ε apart)
         assert relative_error(products_got, exact) <= 1e-12
+
+
+def test_products_in_a_row_defer_only_this_threads_products() -> None:
+    """A block open in one thread leaves another thread's products as they are: put back
+    after each product."""
+    problem = oracle.mlp_problem(seed=2)
+    before = [p.detach().clone() for p in problem.params]
+    point = [p.detach().clone() + 0.1 for p in problem.params]
+    restores: list[int] = []
+
+    def restore() -> None:
+        restores.append(1)
+        with torch.no_grad():
+            for p, b in zip(problem.params, before, strict=True):
+                p.copy_(b)
+
+    hvp = FiniteDifferenceHVP(
+        problem.params, point, problem.train_grad(point),
+        lambda: list(torch.autograd.grad(problem.closure(), problem.params)), restore=restore,
+    )  # fmt: skip
+    with products_in_a_row():
+        worker = threading.Thread(target=lambda: hvp([torch.ones_like(p) for p in point]))
+        worker.start()
+        worker.join()
+        assert len(restores) == 1  # the other thread's product put them back itself
+    assert len(restores) == 1
 
 
 @pytest.mark.parametrize("seed", range(3))

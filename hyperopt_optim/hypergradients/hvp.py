@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -33,9 +34,10 @@ __all__ = [
     "products_in_a_row",
 ]
 
-_deferred: list[list[FiniteDifferenceHVP]] = []
-"""The finite-difference providers whose weights wait to be put back, one list per open
-:func:`products_in_a_row` (innermost last)."""
+_pending: ContextVar[list[FiniteDifferenceHVP] | None] = ContextVar("_pending", default=None)
+"""The finite-difference providers whose weights wait to be put back by the innermost open
+:func:`products_in_a_row` of this thread (a context variable: another thread's products, or
+another task's, are not deferred by it)."""
 
 
 @contextmanager
@@ -49,13 +51,12 @@ def products_in_a_row() -> Iterator[None]:
     works on the snapshot's copies).  The weights are put back however the block is left.
     """
     pending: list[FiniteDifferenceHVP] = []
-    _deferred.append(pending)
+    token = _pending.set(pending)
     try:
         yield
     finally:
-        _deferred.pop()
+        _pending.reset(token)
         for provider in pending:  # (into an enclosing block's list, if one is open)
-            provider._waiting = False
             provider._put_back()
 
 
@@ -200,7 +201,6 @@ class FiniteDifferenceHVP:
         self._restore = None if aliased else restore
         self._current: list[Tensor] = []
         self._moved = False  # the live weights are off the point's (put back when False)
-        self._waiting = False  # listed by an open products_in_a_row
         if self._restore is None:
             with torch.no_grad():  # the weights to put back after each product
                 self._current = [p.detach().clone() for p in params]
@@ -305,10 +305,10 @@ class FiniteDifferenceHVP:
         :func:`products_in_a_row`, when it is left."""
         if not self._moved:
             return
-        if _deferred:
-            if not self._waiting:
-                self._waiting = True
-                _deferred[-1].append(self)
+        pending = _pending.get()
+        if pending is not None:
+            if all(p is not self for p in pending):
+                pending.append(self)
             return
         self._moved = False
         with torch.no_grad():

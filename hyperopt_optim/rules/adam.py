@@ -427,7 +427,8 @@ class AdamRule:
         needed (no linearisation is held).  ``in_place``: into the cotangent's tensors."""
         decoupled = bool(flags["decoupled_weight_decay"])
         sign = -1.0 if flags["maximize"] else 1.0
-        if linear is not None and not flags["amsgrad"]:
+        if self.state_vjp_whole(flags, linear is not None):
+            assert linear is not None
             return _fused_state_vjp(
                 linear, cotangent_params, cotangent_state, in_place=in_place,
                 decoupled=decoupled, sign=sign,
