@@ -344,3 +344,93 @@ def test_sgd_sums_by_inner_products_decline_what_they_do_not_cover() -> None:
     assert rule.hyper_vjp_sums(xs, xs, state, element, flags, xs, {}, ("lr",)) is None
     missing = {"momentum_buffer": [xs[0], None]}
     assert rule.hyper_vjp_sums(xs, xs, missing, hp, flags, xs, {}, ("lr",)) is None
+
+
+@given(
+    learn=st.sampled_from(
+        [
+            ("lr",),
+            ("eps",),
+            ("lr", "eps"),
+            ("eps", "lr"),
+            ("weight_decay",),
+            ("lr", "eps", "weight_decay"),
+        ]
+    ),
+    decoupled=st.booleans(),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.02]),
+    per_tensor=st.booleans(),
+    shapes=st.lists(
+        st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=3
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_adam_sums_from_the_linearisation_equal_the_summed_products(
+    learn: tuple[str, ...], decoupled: bool, amsgrad: bool, maximize: bool, weight_decay: float,
+    per_tensor: bool, shapes: list[tuple[int, ...]], seed: int,
+) -> None:  # fmt: skip
+    """``AdamRule.hyper_vjp_sums`` (lr, eps and AdamW's weight decay from a kept
+    linearisation and inner products) equals the element-wise ``hyper_vjp`` summed per
+    parameter, in float64, with and without AMSGrad (whose linearisation is ``_point``'s),
+    whatever the order of the names (eps scales lr's temporary in place)."""
+    if "weight_decay" in learn and not decoupled:
+        decoupled = True  # Adam's coupled decay reads the state: not a direct name
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw() -> list[Tensor]:
+        return [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+    params, grads, ms, a_w = draw(), draw(), draw(), draw()
+    vs = [x.exp() for x in draw()]
+    state: dict[str, Any] = {
+        "step": [torch.tensor(float(k % 7)) for k in range(len(shapes))],
+        "exp_avg": ms,
+        "exp_avg_sq": vs,
+    }
+    if amsgrad:
+        state["max_exp_avg_sq"] = [x.exp() for x in draw()]
+    hp: dict[str, Any] = {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "eps": 1e-3,
+                          "weight_decay": weight_decay}  # fmt: skip
+    if per_tensor:  # one value per tensor, as tensor granularity gives them
+        for name in learn:
+            hp[name] = [
+                torch.rand((), generator=gen, dtype=torch.float64) * 0.05 + 0.001 for _ in shapes
+            ]
+    flags = {"amsgrad": amsgrad, "maximize": maximize, "decoupled_weight_decay": decoupled}
+    rule = AdamRule()
+    linear = rule.linearise(params, grads, state, hp, flags)
+    got = rule.hyper_vjp_sums(params, grads, state, hp, flags, a_w, {}, learn, linear=linear)
+    want = rule.hyper_vjp(params, grads, state, hp, flags, a_w, {}, learn)
+    assert got is not None
+    assert set(got) == set(learn)
+    for name in learn:
+        for g, w in zip(got[name], want[name], strict=True):
+            assert g.dtype == torch.float64
+            assert g.dim() == 0
+            scale = float(w.abs().sum()) + 1e-300
+            assert abs(float(g) - float(w.sum())) <= 1e-13 * scale, name
+
+
+def test_adam_sums_decline_what_they_do_not_cover() -> None:
+    """Without a linearisation, for a name that reads the state, a value per element or a
+    fixed lr of 0, Adam's sums go to the element-wise products."""
+    shapes = [(3, 2), (4,)]
+    xs = [torch.ones(s, dtype=torch.float64) for s in shapes]
+    state: dict[str, Any] = {"step": [torch.tensor(1.0)] * 2, "exp_avg": xs, "exp_avg_sq": xs}
+    hp: dict[str, Any] = {"lr": 0.1, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8,
+                          "weight_decay": 0.0}  # fmt: skip
+    flags = {"amsgrad": False, "maximize": False, "decoupled_weight_decay": False}
+    rule = AdamRule()
+    linear = rule.linearise(xs, xs, state, hp, flags)
+    assert rule.hyper_vjp_sums(xs, xs, state, hp, flags, xs, {}, ("lr",), linear=linear)
+    assert rule.hyper_vjp_sums(xs, xs, state, hp, flags, xs, {}, ("lr",)) is None
+    for name in ("beta1", "beta2", "weight_decay"):  # coupled decay reads the state
+        assert rule.hyper_vjp_sums(xs, xs, state, hp, flags, xs, {}, (name,), linear=linear) is None
+    element = {**hp, "lr": [torch.full(s, 0.1, dtype=torch.float64) for s in shapes]}
+    assert (
+        rule.hyper_vjp_sums(xs, xs, state, element, flags, xs, {}, ("lr",), linear=linear) is None
+    )
+    off = {**hp, "lr": 0.0}
+    assert rule.hyper_vjp_sums(xs, xs, state, off, flags, xs, {}, ("eps",), linear=linear) is None

@@ -314,6 +314,44 @@ def test_state_vjp_matches_autograd_of_reference(
         assert_blocks_close(have, want, f"a·∂U/∂{k}")
 
 
+@given(
+    data=st.data(),
+    kinds=st.tuples(*[st.sampled_from(["float", "tensor", "element"])] * 3),
+    zeros=st.booleans(),
+)
+def test_adam_fused_linearisation_matches_the_point(
+    data: st.DataObject, kinds: tuple[str, str, str], zeros: bool
+) -> None:
+    """Adam's fused linearisation (float β₁, β₂, no AMSGrad) against the one :meth:`_point`
+    makes from the step's formulas, with lr, eps and the weight decay each a float, one value
+    per tensor or per element; ``zeros``: v = 0 and ĝ = 0 on some elements, where ∂q/∂v' is
+    taken as 0 (the oracle test draws v > 0)."""
+    case = data.draw(adam_cases("float"))
+    case.flags["amsgrad"] = False
+    case.state.pop("max_exp_avg_sq", None)
+    gen = torch.Generator().manual_seed(data.draw(seeds))
+    params, grads, state = case.clone_inputs()
+    if zeros:
+        for w, g, v in zip(params, grads, state["exp_avg_sq"], strict=True):
+            where = torch.rand(v.shape, generator=gen) < 0.5
+            v[where] = 0.0
+            g[where] = 0.0
+            w[where] = 0.0  # ĝ = g + ξw = 0 there with coupled decay too
+    hp = dict(case.hp)
+    for name, kind in zip(("lr", "eps", "weight_decay"), kinds, strict=True):
+        hp[name] = _hyper(name, float(case.hp[name]), kind, params, gen)  # type: ignore[arg-type]
+    rule = AdamRule()
+    fused = rule.linearise(params, grads, state, hp, case.flags)
+    for i, f in enumerate(fused):
+        want = rule._point(params, grads, state, hp, case.flags, i).linear
+        for field in ("step_coef", "second_coef", "g_hat_2"):
+            a, e = getattr(f, field), getattr(want, field)
+            assert a.shape == e.shape, field
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=0.0, msg=field)
+        if zeros:
+            assert bool((f.second_coef[state["exp_avg_sq"][i] == 0] == 0).all())
+
+
 @pytest.mark.parametrize("state_cotangent", [True, False], ids=["with-state", "weights-only"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("rule", list(CASES))

@@ -271,9 +271,10 @@ class GroupSnapshot:
             return self.hyper_vjp(cotangent_params, cotangent_state)
         sums_of = getattr(self.rule, "hyper_vjp_sums", None)
         if sums_of is not None and not self.after and self.reduced >= set(self.names):
+            kept = {} if self.linear is None else {"linear": self.linear}
             summed = sums_of(
                 self.params, self.grads, self.state, self.hp, self.flags,
-                cotangent_params, cotangent_state, self.names,
+                cotangent_params, cotangent_state, self.names, **kept,
             )  # fmt: skip
             if summed is not None:  # every name from inner products: no temporaries
                 return cast(dict[str, list[Tensor]], summed)

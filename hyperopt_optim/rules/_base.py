@@ -41,6 +41,7 @@ __all__ = [
     "add_scaled",
     "add_scaled_",
     "as_list",
+    "inner",
     "is_zero",
     "linearise",
     "one_minus",
@@ -199,6 +200,12 @@ def state_vjp(
 def is_zero(h: Hyper) -> bool:
     """True for the float ``0`` (torch skips the work then); a learned value never is."""
     return isinstance(h, float | int) and h == 0
+
+
+def inner(x: Tensor, y: Tensor) -> Tensor:
+    """``Σ x·y`` over every element: one read of each and no temporary (BLAS's ``dot``),
+    accumulated in the tensors' dtype."""
+    return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
 def as_list(h: Hyper, like: list[Tensor]) -> list[Tensor | float]:

@@ -36,6 +36,7 @@ from ._base import (
     add_scaled,
     add_scaled_,
     as_list,
+    inner,
     is_zero,
     present,
     sub_scaled_,
@@ -190,11 +191,6 @@ def _hyper_vjp_foreach(
     return {name: out[name] for name in names}
 
 
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    """``Σ x·y`` over every element, one read of each and no temporary (BLAS's ``dot``)."""
-    return torch.dot(x.reshape(-1), y.reshape(-1))
-
-
 def hyper_dots(
     params: list[Tensor],
     grads: list[Tensor],
@@ -250,20 +246,20 @@ def hyper_dots(
     )
     for w, g, b, a_w, a_b, lr, mu, wd in rows:
         needs_w = ("lr" in names and not is_zero(wd)) or "weight_decay" in names
-        a_w_w: Tensor | float = _dot(a_w, w) if needs_w else 0.0
+        a_w_w: Tensor | float = inner(a_w, w) if needs_w else 0.0
         needs_b = b is not None and ("lr" in names or "momentum" in names)
-        a_w_b: Tensor | float = _dot(a_w, b) if needs_b else 0.0
+        a_w_b: Tensor | float = inner(a_w, b) if needs_b else 0.0
         for name in names:
             if name == "lr":
-                value = sign * _dot(a_w, g) + wd * a_w_w
+                value = sign * inner(a_w, g) + wd * a_w_w
                 value = -(mu * a_w_b + c * value) if b is not None else -value
             elif name == "weight_decay":
                 value = -lr * a_w_w
                 if b is not None:
-                    value = c * (value if a_b is None else _dot(a_b, w) + value)
+                    value = c * (value if a_b is None else inner(a_b, w) + value)
             else:  # momentum
                 assert b is not None
-                value = -lr * a_w_b if a_b is None else _dot(a_b, b) - lr * a_w_b
+                value = -lr * a_w_b if a_b is None else inner(a_b, b) - lr * a_w_b
             out[name].append(value.to(torch.float64).reshape(()))  # (1,)-shaped per-tensor values
     return out
 
