@@ -68,6 +68,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         package = load_before(args.before, Path(tmp))
         builds = {"before": (package.HyperSGD, package.HyperAdam), "after": after}
+        # each build's own series module, which overhead.lean_series patches for "lean" rows
+        series = {"before": package.hypergradients.onepass, "after": overhead.onepass}
         baselines = {v.name for v in overhead.VARIANTS if v.method is None}
         variants = [
             v
@@ -93,6 +95,7 @@ def main() -> None:
                 here: dict[tuple[str, str], float] = {}
                 for v, build in runs:
                     overhead.HyperSGD, overhead.HyperAdam = builds[build] if build else after
+                    overhead.onepass = series[build or "after"]
                     out = overhead.run(v, work, device, args.warmup, args.steps)
                     here[(v.name, build or "torch")] = out["seconds_per_step"]
                 for v in variants:
@@ -108,6 +111,7 @@ def main() -> None:
                 for v, d in ratios.items()
             }  # fmt: skip
         overhead.HyperSGD, overhead.HyperAdam = after
+        overhead.onepass = series["after"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare_builds.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "compare_builds.md").write_text(markdown(report))
