@@ -184,12 +184,13 @@ class LearnedValue:
         """Sum element-wise ``dL/dλ`` contributions to this value's granularity."""
         if self.granularity == "scalar":
             by_device: dict[torch.device, list[Tensor]] = {}
-            for e in elementwise:
-                by_device.setdefault(e.device, []).append(e.sum(dtype=torch.float64))
-            total = torch.zeros((), dtype=torch.float64)
-            for sums in by_device.values():
-                total = total + torch.stack(sums).sum().cpu()
-            return [total]
+            for e in elementwise:  # a float64 number is its own sum (the reduced products')
+                one = e if e.dim() == 0 and e.dtype == torch.float64 else e.sum(dtype=torch.float64)
+                by_device.setdefault(e.device, []).append(one)
+            totals = [torch.stack(sums).sum().cpu() for sums in by_device.values()]
+            if not totals:
+                return [torch.zeros((), dtype=torch.float64)]
+            return [totals[0] if len(totals) == 1 else torch.stack(totals).sum()]
         if self.granularity == "tensor":
             return [e.sum().to(phi.dtype) for e, phi in zip(elementwise, self.phi, strict=True)]
         return [e.to(phi.dtype) for e, phi in zip(elementwise, self.phi, strict=True)]

@@ -434,3 +434,48 @@ def test_adam_sums_decline_what_they_do_not_cover() -> None:
     )
     off = {**hp, "lr": 0.0}
     assert rule.hyper_vjp_sums(xs, xs, state, off, flags, xs, {}, ("eps",), linear=linear) is None
+    half = [x.half() for x in xs]  # a float16 sum of products overflows: summed in float64
+    half_state = {"step": state["step"], "exp_avg": half, "exp_avg_sq": half}
+    half_linear = rule.linearise(half, half, half_state, hp, flags)
+    sums = rule.hyper_vjp_sums(half, half, half_state, hp, flags, half, {}, ("lr",), half_linear)
+    assert sums is None
+
+
+def test_half_precision_sums_go_to_the_element_wise_products() -> None:
+    """SGD's sums decline float16 and bfloat16 weights too (the element-wise products sum in
+    float64: a float16 inner product of 400k products of 1e-3 already overflows)."""
+    xs = [torch.ones(3, dtype=dtype) for dtype in (torch.float16, torch.bfloat16)]
+    hp: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
+    flags = {"dampening": 0.0, "nesterov": False, "maximize": False}
+    for x in xs:
+        state = {"momentum_buffer": [x]}
+        assert SGDRule().hyper_vjp_sums([x], [x], state, hp, flags, [x], {}, ("lr",)) is None
+    wide = [torch.ones(3)]
+    state = {"momentum_buffer": wide}
+    assert SGDRule().hyper_vjp_sums(wide, wide, state, hp, flags, wide, {}, ("lr",)) is not None
+
+
+def test_adam_ift_takes_its_sums_from_the_kept_linearisation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HyperAdam's ift at scalar granularity, learning lr and eps, reduces its products from
+    the series' linearisation: the element-wise ``hyper_vjp`` is never called."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the element-wise products were taken")
+
+    monkeypatch.setattr(AdamRule, "hyper_vjp", refuse)
+    model = _Model()
+    gen = torch.Generator().manual_seed(3)
+    x, y = (
+        torch.randn(16, 5, generator=gen, dtype=torch.float64),
+        torch.randn(16, 2, dtype=torch.float64, generator=gen),
+    )
+    opt = HyperAdam(model.parameters(), lr=0.01, learn=("lr", "eps"), method="ift",
+                    update_interval=2, hvp="autograd")  # fmt: skip
+    before = opt.hyperparameters()
+    for _ in range(4):
+        opt.step(
+            lambda: ((model(x) - y) ** 2).mean(), val_closure=lambda: ((model(x) - y) ** 2).mean()
+        )
+    assert opt.hyperparameters() != before  # two hyper-steps moved lr and eps

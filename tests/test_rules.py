@@ -341,7 +341,13 @@ def test_adam_fused_linearisation_matches_the_point(
     for name, kind in zip(("lr", "eps", "weight_decay"), kinds, strict=True):
         hp[name] = _hyper(name, float(case.hp[name]), kind, params, gen)  # type: ignore[arg-type]
     rule = AdamRule()
+    inputs = [params, grads, state["exp_avg"], state["exp_avg_sq"]]
+    kept = [[x.clone() for x in xs] for xs in inputs]
     fused = rule.linearise(params, grads, state, hp, case.flags)
+    rule.hyper_vjp_sums(params, grads, state, hp, case.flags, grads, {}, ("lr",), linear=fused)
+    for xs, ys in zip(inputs, kept, strict=True):  # nothing written into the step's inputs
+        for x, y in zip(xs, ys, strict=True):
+            assert torch.equal(x, y)
     for i, f in enumerate(fused):
         want = rule._point(params, grads, state, hp, case.flags, i).linear
         for field in ("step_coef", "second_coef", "g_hat_2"):

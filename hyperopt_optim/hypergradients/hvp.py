@@ -322,7 +322,10 @@ class FiniteDifferenceHVP:
         with torch.no_grad():
             torch._foreach_copy_(self._params, self._point)
             torch._foreach_add_(self._params, directions, alpha=eps)
-        grads = [g.detach() if self._fresh else g.detach().clone() for g in self._gradient()]
+        grads = [
+            (g.detach() if g.requires_grad else g) if self._fresh else g.detach().clone()
+            for g in self._gradient()
+        ]
         for p in self._params:  # a closure's backward() left them there: held here alone
             p.grad = None
         return grads
@@ -331,10 +334,10 @@ class FiniteDifferenceHVP:
 def _norm(xs: list[Tensor]) -> float:
     if not xs:
         return 0.0
-    norms = [n.to(torch.float64) for n in torch._foreach_norm(xs)]
-    if len({n.device for n in norms}) > 1:
-        norms = [n.cpu() for n in norms]
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
+    norms = list(torch._foreach_norm(xs))
+    if len({(n.device, n.dtype) for n in norms}) > 1:  # one stack of float64 host numbers
+        norms = [n.to(device="cpu", dtype=torch.float64) for n in norms]
+    return float(torch.linalg.vector_norm(torch.stack(norms).to(torch.float64)))
 
 
 _NO_FORWARD_AD = ("ZeroTensors are immutable", "Trying to use forward AD with")

@@ -41,6 +41,7 @@ __all__ = [
     "add_scaled",
     "add_scaled_",
     "as_list",
+    "dots_accumulate_safely",
     "inner",
     "is_zero",
     "linearise",
@@ -204,8 +205,15 @@ def is_zero(h: Hyper) -> bool:
 
 def inner(x: Tensor, y: Tensor) -> Tensor:
     """``Σ x·y`` over every element: one read of each and no temporary (BLAS's ``dot``),
-    accumulated in the tensors' dtype."""
+    accumulated in the tensors' dtype (see :func:`dots_accumulate_safely`)."""
     return torch.dot(x.reshape(-1), y.reshape(-1))
+
+
+def dots_accumulate_safely(xs: list[Tensor]) -> bool:
+    """Whether :func:`inner` may sum these tensors' products: float32 or wider.  A half
+    precision sum overflows (float16's largest number is 65504) or keeps three digits
+    (bfloat16), where the element-wise products sum in float64."""
+    return all(x.dtype.itemsize >= 4 for x in xs)
 
 
 def as_list(h: Hyper, like: list[Tensor]) -> list[Tensor | float]:

@@ -41,6 +41,7 @@ from ._base import (
     StateCotangent,
     add_scaled,
     as_list,
+    dots_accumulate_safely,
     inner,
     is_zero,
     one_minus,
@@ -423,12 +424,15 @@ class AdamRule:
         :math:`\sum a·∂U/\partial\epsilon = ⟨a_w, x s⟩ (1-\beta_1^t)/\eta` (:math:`x/D`) and
         :math:`\sum a·∂U/∂\xi_d = -\eta⟨a_w, w⟩`: three or four passes over a parameter where
         the element-wise products take about ten.  ``None`` (the caller takes those) without a
-        linearisation, for other names, for a value per element, or for a fixed ``lr = 0``
-        (the sums divide by η; a learned η is positive).  0-dim float64 results; the inner
-        products accumulate in the tensors' dtype, as :func:`~.sgd.hyper_dots`'s do."""
+        linearisation, for other names, for a value per element, for half-precision weights or
+        for a fixed ``lr = 0`` (the sums divide by η; a learned η is positive).  0-dim float64
+        results; the inner products accumulate in the tensors' dtype, as
+        :func:`~.sgd.hyper_dots`'s do."""
         decoupled = bool(flags["decoupled_weight_decay"])
         direct = {"lr", "eps"} | ({"weight_decay"} if decoupled else set())
         if linear is None or not set(names) <= direct or is_zero(hp["lr"]):
+            return None
+        if not dots_accumulate_safely(params):
             return None
         for h in hp.values():
             if not isinstance(h, float | int) and any(x.numel() != 1 for x in h):

@@ -21,6 +21,7 @@ then :math:`a·∂U/∂w = a_w + \xi c_{\hat g}`, :math:`a·∂U/∂b = \mu c_{b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -36,6 +37,7 @@ from ._base import (
     add_scaled,
     add_scaled_,
     as_list,
+    dots_accumulate_safely,
     inner,
     is_zero,
     present,
@@ -215,12 +217,15 @@ def hyper_dots(
     * :math:`\sum a·∂U/∂\mu = ⟨a_b, b⟩ - \eta⟨a_w, b⟩`.
 
     Returns ``None`` where this does not apply (Nesterov's momentum, a value per element, a
-    parameter's first step without a buffer): the caller takes the element-wise products.
+    parameter's first step without a buffer, half-precision weights): the caller takes the
+    element-wise products.
     The results are 0-dim float64 tensors; each inner product accumulates in the tensors' own
     dtype (BLAS's blocked sum: about 1e-7 relative in float32, where the element-wise path
     summed float32 products in float64).
     """
     if flags["nesterov"] or any(n not in SGDRule.learnable for n in names):
+        return None
+    if not dots_accumulate_safely(params):
         return None
     for h in hp.values():
         if not isinstance(h, float | int) and any(x.numel() != 1 for x in h):
@@ -232,7 +237,6 @@ def hyper_dots(
     a_bs = cotangent_state.get(_BUFFER) if momentum else None
     sign = -1.0 if flags["maximize"] else 1.0
     c = 1.0 - float(flags["dampening"])  # type: ignore[arg-type]
-    out: dict[str, list[Tensor]] = {name: [] for name in names}
     rows = zip(
         params,
         grads,
@@ -244,23 +248,64 @@ def hyper_dots(
         as_list(hp["weight_decay"], params),
         strict=True,
     )
+    # each sum as terms (coefficient, inner product), name by name and parameter by parameter
+    terms: dict[str, list[list[tuple[Tensor | float, Tensor]]]] = {name: [] for name in names}
     for w, g, b, a_w, a_b, lr, mu, wd in rows:
-        needs_w = ("lr" in names and not is_zero(wd)) or "weight_decay" in names
-        a_w_w: Tensor | float = inner(a_w, w) if needs_w else 0.0
-        needs_b = b is not None and ("lr" in names or "momentum" in names)
-        a_w_b: Tensor | float = inner(a_w, b) if needs_b else 0.0
+        dots: dict[str, Tensor] = {}
+        dot = functools.partial(_memo_inner, dots)
+        k = c if b is not None else 1.0  # the buffer's share of the step's gradient term
         for name in names:
+            t: list[tuple[Tensor | float, Tensor]]
             if name == "lr":
-                value = sign * inner(a_w, g) + wd * a_w_w
-                value = -(mu * a_w_b + c * value) if b is not None else -value
-            elif name == "weight_decay":
-                value = -lr * a_w_w
+                t = [(-k * sign, dot("a_w g", a_w, g))]
+                if not is_zero(wd):
+                    t.append((-k * wd, dot("a_w w", a_w, w)))
                 if b is not None:
-                    value = c * (value if a_b is None else inner(a_b, w) + value)
+                    t.append((-mu, dot("a_w b", a_w, b)))
+            elif name == "weight_decay":
+                t = [(-k * lr, dot("a_w w", a_w, w))]
+                if b is not None and a_b is not None:
+                    t.append((c, dot("a_b w", a_b, w)))
             else:  # momentum
                 assert b is not None
-                value = -lr * a_w_b if a_b is None else inner(a_b, b) - lr * a_w_b
-            out[name].append(value.to(torch.float64).reshape(()))  # (1,)-shaped per-tensor values
+                t = [(-lr, dot("a_w b", a_w, b))]
+                if a_b is not None:
+                    t.append((1.0, dot("a_b b", a_b, b)))
+            terms[name].append(t)
+    return {name: _combine(ts) for name, ts in terms.items()}
+
+
+def _memo_inner(dots: dict[str, Tensor], key: str, x: Tensor, y: Tensor) -> Tensor:
+    """``⟨x, y⟩``, made once per ``key`` in ``dots``."""
+    if key not in dots:
+        dots[key] = inner(x, y)
+    return dots[key]
+
+
+def _combine(sums: list[list[tuple[Tensor | float, Tensor]]]) -> list[Tensor]:
+    """Each ``Σ coefficient · inner product`` as a 0-dim float64 tensor.  With every
+    coefficient a number (values per group): one stack of the products, one matrix of the
+    coefficients and one product of the two, in float64 (a few tensor operations, not several
+    per sum: the Python cost of a small model's hyper-step); else term by term."""
+    if all(isinstance(a, float | int) for t in sums for a, _ in t):
+        index: dict[int, int] = {}
+        products: list[Tensor] = []
+        for t in sums:
+            for _, x in t:
+                if id(x) not in index:
+                    index[id(x)] = len(products)
+                    products.append(x)
+        matrix = [[0.0] * len(products) for _ in sums]
+        for row, t in zip(matrix, sums, strict=True):
+            for a, x in t:
+                row[index[id(x)]] += float(a)
+        stacked = torch.stack(products).to(torch.float64)
+        weights = torch.tensor(matrix, dtype=torch.float64, device=stacked.device)
+        return list((weights @ stacked).unbind(0))
+    out = []
+    for t in sums:
+        total = sum((a * x for a, x in t[1:]), t[0][0] * t[0][1])
+        out.append(torch.as_tensor(total).to(torch.float64).reshape(()))  # (1,)-shaped values
     return out
 
 
