@@ -41,7 +41,6 @@ __all__ = [
     "add_scaled",
     "add_scaled_",
     "as_list",
-    "dots_accumulate_safely",
     "inner",
     "is_zero",
     "linearise",
@@ -49,6 +48,7 @@ __all__ = [
     "present",
     "state_vjp",
     "sub_scaled_",
+    "sums_by_inner_products",
 ]
 
 Hyper: TypeAlias = float | list[Tensor]
@@ -205,15 +205,18 @@ def is_zero(h: Hyper) -> bool:
 
 def inner(x: Tensor, y: Tensor) -> Tensor:
     """``Σ x·y`` over every element: one read of each and no temporary (BLAS's ``dot``),
-    accumulated in the tensors' dtype (see :func:`dots_accumulate_safely`)."""
+    accumulated in the tensors' dtype (see :func:`sums_by_inner_products`)."""
     return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
-def dots_accumulate_safely(xs: list[Tensor]) -> bool:
-    """Whether :func:`inner` may sum these tensors' products: float32 or wider.  A half
-    precision sum overflows (float16's largest number is 65504) or keeps three digits
-    (bfloat16), where the element-wise products sum in float64."""
-    return all(x.dtype.itemsize >= 4 for x in xs)
+def sums_by_inner_products(params: list[Tensor], hp: dict[str, Hyper]) -> bool:
+    """Whether a rule's ``hyper_vjp_sums`` may sum by :func:`inner`: every value one number
+    per parameter, and weights of float32 or wider.  A half-precision sum overflows
+    (float16's largest number is 65504) or keeps three digits (bfloat16), where the
+    element-wise products sum in float64."""
+    if not all(x.dtype.itemsize >= 4 for x in params):
+        return False
+    return all(isinstance(h, float | int) or all(x.numel() == 1 for x in h) for h in hp.values())
 
 
 def as_list(h: Hyper, like: list[Tensor]) -> list[Tensor | float]:

@@ -41,11 +41,11 @@ from ._base import (
     StateCotangent,
     add_scaled,
     as_list,
-    dots_accumulate_safely,
     inner,
     is_zero,
     one_minus,
     present,
+    sums_by_inner_products,
 )
 
 __all__ = ["AdamRule"]
@@ -432,11 +432,8 @@ class AdamRule:
         direct = {"lr", "eps"} | ({"weight_decay"} if decoupled else set())
         if linear is None or not set(names) <= direct or is_zero(hp["lr"]):
             return None
-        if not dots_accumulate_safely(params):
+        if not sums_by_inner_products(params, hp):
             return None
-        for h in hp.values():
-            if not isinstance(h, float | int) and any(x.numel() != 1 for x in h):
-                return None
         maximize = bool(flags["maximize"])
         out: dict[str, list[Tensor]] = {name: [] for name in names}
         rows = zip(params, grads, present(state[_M]), cotangent_params, linear, strict=True)

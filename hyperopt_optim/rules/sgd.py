@@ -37,11 +37,11 @@ from ._base import (
     add_scaled,
     add_scaled_,
     as_list,
-    dots_accumulate_safely,
     inner,
     is_zero,
     present,
     sub_scaled_,
+    sums_by_inner_products,
 )
 
 __all__ = ["SGDRule"]
@@ -225,11 +225,8 @@ def hyper_dots(
     """
     if flags["nesterov"] or any(n not in SGDRule.learnable for n in names):
         return None
-    if not dots_accumulate_safely(params):
+    if not sums_by_inner_products(params, hp):
         return None
-    for h in hp.values():
-        if not isinstance(h, float | int) and any(x.numel() != 1 for x in h):
-            return None
     momentum = _uses_buffer(hp)
     bufs = state.get(_BUFFER, [None] * len(params)) if momentum else [None] * len(params)
     if momentum and any(b is None for b in bufs):
